@@ -1,0 +1,194 @@
+"""The configuration schema: one msgspec Struct per TOML section, a default for every key.
+
+Each field carries its documentation in ``Meta(description=...)``, so that
+``optimizerd print-default-config`` and the docs are generated from the same place as the
+validation. Loading, environment overrides and error reporting live in ``ipc.config_loader``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta, Struct, field
+
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+LISTEN_PATTERN = r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$"
+SERVICE_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
+DEFAULT_PRELOAD = ["zmq", "msgspec", "prometheus_client", "aiohttp", "plyvel", "grpc",
+                   "workers.runtime"]
+
+
+def doc(text: str, **constraints: Any) -> Meta:
+    """Field metadata: the annotation shown by print-default-config, plus msgspec constraints."""
+    return Meta(description=text, **constraints)
+
+
+class SupervisorSection(Struct, kw_only=True, forbid_unknown_fields=True):
+    runtime_dir: Annotated[str, doc(
+        "Sockets, pid file and metrics live here (mode 0700). Empty: "
+        "$XDG_RUNTIME_DIR/llm-optimizer, or /run/llm-optimizer as root.")] = ""
+    data_dir: Annotated[str, doc(
+        "Durable state (the embedded store). Empty: ~/.local/share/llm-optimizer, "
+        "or /var/lib/llm-optimizer as root.")] = ""
+    heartbeat_interval: Annotated[float, doc("Seconds between a worker's heartbeats.", gt=0)] = 1.0
+    heartbeat_timeout: Annotated[float, doc(
+        "A worker silent this long is taken as hung: SIGTERM, SIGKILL, restart.", gt=0)] = 5.0
+    start_timeout: Annotated[float, doc(
+        "A worker that has not said READY this long after its start is restarted.", gt=0)] = 30.0
+    shutdown_timeout: Annotated[float, doc(
+        "Seconds a worker has to finish in-flight work after STOP before SIGTERM, "
+        "then SIGKILL.", gt=0)] = 10.0
+    backoff_base: Annotated[float, doc(
+        "First restart delay; doubled per consecutive failure, with +-20% jitter.", gt=0)] = 0.1
+    backoff_max: Annotated[float, doc("Upper bound of the restart delay.", gt=0)] = 30.0
+    stable_after: Annotated[float, doc(
+        "A worker ready this long has its backoff reset.", gt=0)] = 10.0
+    max_restarts: Annotated[int, doc(
+        "Automatic restarts allowed within restart_window; one more and the service "
+        "is failed.", ge=0)] = 5
+    restart_window: Annotated[float, doc("Seconds over which restarts are counted.", gt=0)] = 60.0
+    failure_threshold: Annotated[int, doc(
+        "Consecutive unhealthy heartbeats after which a worker is restarted.", ge=1)] = 3
+    watch_config: Annotated[bool, doc(
+        "Reload by itself when the config file changes (inotify, debounced).")] = False
+    preload: Annotated[list[str], doc(
+        "Modules the fork server imports once, so that every worker starts in milliseconds."
+    )] = field(default_factory=lambda: list(DEFAULT_PRELOAD))
+
+
+class ObservabilitySection(Struct, kw_only=True, forbid_unknown_fields=True):
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], doc(
+        "Least severe level logged, by the supervisor and every worker.")] = "info"
+    json_logs: Annotated[bool, doc("One JSON object per log line instead of text.")] = False
+
+
+class AdminSection(Struct, kw_only=True, forbid_unknown_fields=True):
+    listen: Annotated[str, doc("Admin HTTP: /metrics, /health, /ready.",
+                               pattern=LISTEN_PATTERN)] = "127.0.0.1:9090"
+
+
+class ServiceSection(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Keys every service has. Restart-policy keys left unset inherit [supervisor]."""
+
+    enabled: Annotated[bool, doc("Run this service.")] = True
+    entrypoint: Annotated[str, doc(
+        "module:Class of the worker (a workers.runtime.Worker subclass).",
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] = ""
+    depends_on: Annotated[list[str], doc(
+        "Services that must be READY before this one starts.")] = field(default_factory=list)
+    processes: Annotated[int, doc(
+        "Processes of this service, each supervised on its own.", ge=1, le=64)] = 1
+    restart_dependents: Annotated[bool, doc(
+        "When this service restarts, restart its dependents once it is READY again.")] = False
+    max_rss_mb: Annotated[int, doc(
+        "Restart a process gracefully when its RSS exceeds this many MiB (0: no limit).",
+        ge=0)] = 0
+    heartbeat_timeout: Annotated[PositiveFloat | None, doc(
+        "Overrides [supervisor] heartbeat_timeout.")] = None
+    backoff_base: Annotated[PositiveFloat | None, doc(
+        "Overrides [supervisor] backoff_base.")] = None
+    backoff_max: Annotated[PositiveFloat | None, doc(
+        "Overrides [supervisor] backoff_max.")] = None
+    max_restarts: Annotated[NonNegativeInt | None, doc(
+        "Overrides [supervisor] max_restarts.")] = None
+    restart_window: Annotated[PositiveFloat | None, doc(
+        "Overrides [supervisor] restart_window.")] = None
+    failure_threshold: Annotated[PositiveInt | None, doc(
+        "Overrides [supervisor] failure_threshold.")] = None
+
+
+class StorageSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
+    entrypoint: str = "workers.storage:StorageWorker"
+    backend: Annotated[Literal["leveldb"], doc("Where state is kept.")] = "leveldb"
+    path: Annotated[str, doc("LevelDB directory. Empty: <data_dir>/leveldb.")] = ""
+    sync: Annotated[bool, doc("fsync every write batch before acknowledging it.")] = True
+
+
+class CollectorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
+    entrypoint: str = "workers.collector:CollectorWorker"
+    depends_on: list[str] = field(default_factory=lambda: ["storage"])
+    listen: Annotated[str, doc("OTLP/HTTP and JSON ingest.", pattern=LISTEN_PATTERN)] = \
+        "127.0.0.1:4318"
+    otlp_grpc_listen: Annotated[str, doc("OTLP/gRPC ingest.", pattern=LISTEN_PATTERN)] = \
+        "127.0.0.1:4317"
+
+
+class ProcessorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
+    entrypoint: str = "workers.processor:ProcessorWorker"
+    depends_on: list[str] = field(default_factory=lambda: ["storage", "collector"])
+
+
+class RestApiSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
+    entrypoint: str = "workers.rest_api:RestApiWorker"
+    depends_on: list[str] = field(default_factory=lambda: ["processor", "storage"])
+    listen: Annotated[str, doc("REST API.", pattern=LISTEN_PATTERN)] = "127.0.0.1:8080"
+
+
+class GrpcApiSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
+    entrypoint: str = "workers.grpc_api:GrpcApiWorker"
+    depends_on: list[str] = field(default_factory=lambda: ["processor", "storage"])
+    listen: Annotated[str, doc("gRPC API.", pattern=LISTEN_PATTERN)] = "127.0.0.1:50051"
+
+
+class IntegrationsSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
+    entrypoint: str = "workers.integrations:IntegrationsWorker"
+
+
+class ExtraServiceSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
+    """A service beyond the six built-in ones, e.g. a plug-in or the test stub."""
+
+    settings: Annotated[dict[str, Any], doc(
+        "Free-form settings handed to the worker.")] = field(default_factory=dict)
+
+
+_SUPERVISOR_OWNED = frozenset(ServiceSection.__struct_fields__) - {"entrypoint"}
+
+
+def supervisor_owned_keys() -> frozenset[str]:
+    """Keys of a service section that the supervisor applies itself (restart policy, process
+    count, dependencies); a change to any other key is the worker's to apply."""
+    return _SUPERVISOR_OWNED
+
+
+def worker_view(section: ServiceSection) -> dict[str, Any]:
+    """A section without the supervisor's keys: what a worker compares on reload."""
+    return {k: getattr(section, k) for k in section.__struct_fields__
+            if k not in _SUPERVISOR_OWNED}
+
+
+BUILTIN_SERVICES = ("storage", "collector", "processor", "rest_api", "grpc_api", "integrations")
+
+
+class Config(Struct, kw_only=True, forbid_unknown_fields=True):
+    supervisor: SupervisorSection = field(default_factory=SupervisorSection)
+    observability: ObservabilitySection = field(default_factory=ObservabilitySection)
+    admin: AdminSection = field(default_factory=AdminSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    collector: CollectorSection = field(default_factory=CollectorSection)
+    processor: ProcessorSection = field(default_factory=ProcessorSection)
+    rest_api: RestApiSection = field(default_factory=RestApiSection)
+    grpc_api: GrpcApiSection = field(default_factory=GrpcApiSection)
+    integrations: IntegrationsSection = field(default_factory=IntegrationsSection)
+    services: Annotated[dict[str, ExtraServiceSection], doc(
+        "Further services, one [services.NAME] table each.")] = field(default_factory=dict)
+
+    def service_sections(self) -> dict[str, ServiceSection]:
+        """Every service by name, built-in first, enabled or not."""
+        sections: dict[str, ServiceSection] = {n: getattr(self, n) for n in BUILTIN_SERVICES}
+        sections.update(self.services)
+        return sections
+
+    def enabled_services(self) -> dict[str, ServiceSection]:
+        return {n: s for n, s in self.service_sections().items() if s.enabled}
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """'127.0.0.1:8080' -> ('127.0.0.1', 8080); '[::1]:80' -> ('::1', 80)."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def is_valid_service_name(name: str) -> bool:
+    return re.match(SERVICE_NAME_PATTERN, name) is not None

@@ -1,0 +1,191 @@
+"""Reading, overriding and validating the config file.
+
+``load_config`` is the single way in: TOML (or YAML for .yaml/.yml), then environment overrides
+``LLM_OPTIMIZER__SECTION__KEY=value``, then schema and cross-key checks. Every failure is a
+``ConfigError`` that names the key path, what was expected and the value found.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from ipc.config import (BUILTIN_SERVICES, LISTEN_PATTERN, Config, is_valid_service_name,
+                        split_listen)
+from ipc.dependencies import DependencyCycleError, start_order
+
+ENV_PREFIX = "LLM_OPTIMIZER__"
+_MISSING = object()
+
+
+class ConfigError(Exception):
+    """An invalid configuration: ``key`` is the dotted key path (or file) at fault."""
+
+    def __init__(self, key: str, problem: str, value: Any = _MISSING, source: str = ""):
+        self.key, self.problem, self.value, self.source = key, problem, value, source
+        text = f"{key}: {problem}" if key else problem
+        if value is not _MISSING:
+            text += f" (found {value!r})"
+        if source:
+            text += f" [{source}]"
+        super().__init__(text)
+
+
+def read_document(path: str) -> dict[str, Any]:
+    """The raw mapping in a TOML or YAML file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file: {exc.strerror}", source=path) from exc
+    if path.endswith((".yaml", ".yml")):
+        import yaml  # only paid for by YAML users
+
+        try:
+            doc = yaml.safe_load(raw) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError("", f"invalid YAML: {exc}", source=path) from exc
+    else:
+        try:
+            doc = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("", f"invalid TOML: {exc}", source=path) from exc
+    if not isinstance(doc, dict):
+        raise ConfigError("", "expected a table of sections at the top level", source=path)
+    return doc
+
+
+def parse_env_value(text: str) -> Any:
+    """An override's value as a TOML value when it is one (5, 0.5, true, ["a"]), else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_env_overrides(doc: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Set doc[section][...][key] from LLM_OPTIMIZER__SECTION__...__KEY; returns key -> variable."""
+    applied = {}
+    for var, text in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in var[len(ENV_PREFIX):].split("__")]
+        if len(parts) < 2 or not all(parts):
+            raise ConfigError(var, "expected LLM_OPTIMIZER__SECTION__KEY=value")
+        table = doc
+        for i, part in enumerate(parts[:-1]):
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(".".join(parts[:i + 1]), "is not a table, cannot override a key "
+                                  "inside it", source=var)
+        table[parts[-1]] = parse_env_value(text)
+        applied[".".join(parts)] = var
+    return applied
+
+
+def lookup(doc: Any, path: list[str | int]) -> Any:
+    for part in path:
+        try:
+            doc = doc[part]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return doc
+
+
+_MSGSPEC_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\['([^']*)'\]")
+
+
+def _decode_error(exc: msgspec.ValidationError, doc: dict[str, Any],
+                  env_keys: dict[str, str]) -> ConfigError:
+    """Turn msgspec's 'Expected `int`, got `str` - at `$.a.b`' into key path, problem, value."""
+    message = str(exc)
+    match = _MSGSPEC_PATH.search(message)
+    path: list[str | int] = []
+    if match:
+        message = message[:match.start()]
+        for m in _PATH_PART.finditer(match.group("path")):
+            path.append(m.group(1) if m.group(1) is not None else
+                        int(m.group(2)) if m.group(2) is not None else m.group(3))
+    unknown = re.match(r"Object contains unknown field `(.+)`", message)
+    if unknown:
+        path.append(unknown.group(1))
+        key = ".".join(str(p) for p in path)
+        return ConfigError(key, "unknown key (see `optimizerd print-default-config`)",
+                           source=env_keys.get(key, ""))
+    key = ".".join(str(p) for p in path)
+    problem = message[0].lower() + message[1:] if message else "invalid value"
+    if LISTEN_PATTERN in problem:
+        problem = 'expected "host:port", e.g. "127.0.0.1:8080"'
+    return ConfigError(key, problem.replace("`", ""), lookup(doc, path),
+                       source=env_keys.get(key, ""))
+
+
+def check_semantics(config: Config) -> None:
+    """Checks that span keys: names, references, cycles, ports, timing relations."""
+    sup = config.supervisor
+    if sup.heartbeat_timeout <= sup.heartbeat_interval:
+        raise ConfigError("supervisor.heartbeat_timeout", "must be greater than "
+                          f"supervisor.heartbeat_interval ({sup.heartbeat_interval})",
+                          sup.heartbeat_timeout)
+    if sup.backoff_max < sup.backoff_base:
+        raise ConfigError("supervisor.backoff_max", "must be at least supervisor.backoff_base "
+                          f"({sup.backoff_base})", sup.backoff_max)
+    for name in config.services:
+        if name in BUILTIN_SERVICES or not is_valid_service_name(name):
+            raise ConfigError(f"services.{name}", "service names are lowercase letters, digits "
+                              "and _, at most 32, and not one of the built-in services", name)
+        if not config.services[name].entrypoint:
+            raise ConfigError(f"services.{name}.entrypoint", "required for an extra service")
+    sections = config.service_sections()
+    enabled = config.enabled_services()
+    for name, section in sections.items():
+        where = name if name in BUILTIN_SERVICES else f"services.{name}"
+        for i, dep in enumerate(section.depends_on):
+            if dep not in sections:
+                raise ConfigError(f"{where}.depends_on[{i}]", "no such service", dep)
+            if section.enabled and dep not in enabled:
+                raise ConfigError(f"{where}.depends_on[{i}]", "depends on a disabled service; "
+                                  f"enable it or disable {name}", dep)
+        for key in ("listen", "otlp_grpc_listen"):
+            value = getattr(section, key, None)
+            if value is not None and not 0 < split_listen(value)[1] < 65536:
+                raise ConfigError(f"{where}.{key}", "port must be 1-65535", value)
+    if not 0 < split_listen(config.admin.listen)[1] < 65536:
+        raise ConfigError("admin.listen", "port must be 1-65535", config.admin.listen)
+    try:
+        start_order({n: s.depends_on for n, s in enabled.items()})
+    except DependencyCycleError as exc:
+        raise ConfigError(f"{exc.cycle[0]}.depends_on", str(exc)) from None
+
+
+def config_from_document(doc: dict[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    env_keys = apply_env_overrides(doc, os.environ if environ is None else environ)
+    try:
+        config = msgspec.convert(doc, Config)
+    except msgspec.ValidationError as exc:
+        raise _decode_error(exc, doc, env_keys) from None
+    check_semantics(config)
+    return config
+
+
+def load_config(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
+    """The validated Config from ``path`` (None: built-in defaults) and the environment."""
+    doc = read_document(path) if path else {}
+    try:
+        return config_from_document(doc, environ)
+    except ConfigError as exc:
+        if path and not exc.source:
+            exc.source = path
+            exc.args = (f"{exc.args[0]} [{path}]",)
+        raise
+
+
+def config_hash(config: Config) -> str:
+    """A short stable digest of the effective config, shown by status."""
+    return hashlib.sha256(msgspec.json.encode(config, order="sorted")).hexdigest()[:12]

@@ -1,0 +1,1 @@
+"""optimizerd's supervisor and optimizerctl: process supervision, control, metrics, systemd."""

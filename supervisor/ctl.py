@@ -1,0 +1,226 @@
+"""optimizerctl: talk to a running optimizerd over its control socket.
+
+Exit codes: 0 ok, 1 daemon unreachable or no answer in time, 2 usage, config or request error.
+Imports only what it needs (no aiohttp, grpc or prometheus_client) so that it answers fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import sys
+import time
+from typing import Any
+
+import click
+import zmq
+
+from ipc import messages as m
+from ipc.config_loader import ConfigError, load_config
+from ipc.endpoints import CONTROL_SOCKET, endpoint, runtime_dir, socket_path
+
+CONFIG_ENV = "LLM_OPTIMIZER_CONFIG"
+USAGE_CODES = {m.ErrorCode.BAD_REQUEST, m.ErrorCode.UNKNOWN_COMMAND, m.ErrorCode.NO_SUCH_SERVICE,
+               m.ErrorCode.CONFIG_INVALID, m.ErrorCode.UNSUPPORTED_VERSION}
+
+
+class Unreachable(Exception):
+    pass
+
+
+class Client:
+    def __init__(self, runtime: str, timeout: float):
+        self.path = socket_path(runtime, CONTROL_SOCKET)
+        self.runtime, self.timeout = runtime, timeout
+
+    def call(self, command: str, body: dict[str, Any] | None = None,
+             timeout: float | None = None) -> m.Reply:
+        if not os.path.exists(self.path):
+            raise Unreachable(f"no control socket at {self.path}")
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 16 * m.MAX_MESSAGE_BYTES)
+        try:
+            sock.connect(endpoint(self.runtime, CONTROL_SOCKET))
+            request_id = int(time.monotonic_ns() % 1_000_000_000)
+            sock.send(m.encode(m.Request(id=request_id, command=command, body=body or {})))
+            deadline = time.monotonic() + (timeout or self.timeout)
+            while (left := deadline - time.monotonic()) > 0:
+                if not sock.poll(int(left * 1000) + 1):
+                    break
+                try:
+                    reply = m.decode_reply(sock.recv())
+                except m.ProtocolError as exc:
+                    raise click.ClickException(f"bad reply from optimizerd: {exc}") from None
+                if reply.id in (request_id, 0):
+                    return reply
+            raise Unreachable(f"no answer from optimizerd within {timeout or self.timeout:g} s")
+        finally:
+            sock.close()
+
+
+def fail(code: int, message: str) -> None:
+    click.echo(f"optimizerctl: {message}", err=True)
+    sys.exit(code)
+
+
+def request(ctx: click.Context, command: str, body: dict[str, Any] | None = None,
+            timeout: float | None = None) -> Any:
+    client: Client = ctx.obj
+    try:
+        reply = client.call(command, body, timeout)
+    except Unreachable as exc:
+        fail(1, f"optimizerd is not reachable: {exc}. Is it running with runtime_dir "
+                f"{client.runtime}? (start it with `optimizerd start`, or pass --runtime-dir)")
+    if not reply.ok:
+        error = reply.error
+        fail(2 if error and error.code in USAGE_CODES else 1,
+             error.message if error else "request failed")
+    return reply.result
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--runtime-dir", "runtime_override", type=click.Path(file_okay=False),
+              help="optimizerd's runtime directory (default: from the config).")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              envvar=CONFIG_ENV, help="The daemon's config file, to find its runtime directory.")
+@click.option("--timeout", type=float, default=10.0, show_default=True,
+              help="Seconds to wait for an answer to quick commands.")
+@click.pass_context
+def main(ctx: click.Context, runtime_override: str | None, config_path: str | None,
+         timeout: float) -> None:
+    """Control a running optimizerd."""
+    runtime = runtime_override
+    if not runtime:
+        try:
+            runtime = runtime_dir(load_config(config_path))
+        except ConfigError as exc:
+            fail(2, f"config error: {exc}")
+    ctx.obj = Client(os.path.abspath(runtime), timeout)
+
+
+def _age(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 120:
+        return f"{value:.1f}s"
+    if value < 7200:
+        return f"{value / 60:.0f}m"
+    return f"{value / 3600:.1f}h"
+
+
+def _rss(value: int | None) -> str:
+    return "-" if value is None else f"{value / (1 << 20):.0f}M"
+
+
+def render_table(doc: dict[str, Any]) -> str:
+    sup = doc["supervisor"]
+    lines = [f"optimizerd pid {sup['pid']}  {sup['state']}  up {_age(sup['uptime_s'])}  "
+             f"config {sup['config_hash']}"]
+    header = ("SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "HB AGE", "HEALTH", "CPU%",
+              "RSS", "REASON")
+    rows = [header]
+    for s in doc["services"]:
+        name = s["name"] if s.get("instance", 0) == 0 else f"{s['name']}#{s['instance']}"
+        cpu = "-" if s.get("cpu_percent") is None else f"{s['cpu_percent']:.1f}"
+        rows.append((name, s["state"], str(s["pid"] or "-"), _age(s["uptime_s"] or None),
+                     str(s["restarts"]), _age(s["heartbeat_age_s"]), s["health"], cpu,
+                     _rss(s.get("rss_bytes")), s["reason"] or ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def render_history(doc: dict[str, Any]) -> str:
+    out = []
+    for s in doc["services"]:
+        out.append(f"\n{s['name']}#{s['instance']} history (last exit: {s['last_exit'] or '-'}):")
+        for h in s["history"]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(h["at"]))
+            out.append(f"  {stamp}  {h['from']:>8} -> {h['to']:<8}  {h['reason']}")
+        if s.get("status"):
+            out.append("  status: " + json.dumps(s["status"], sort_keys=True))
+    return "\n".join(out)
+
+
+@main.command()
+@click.argument("service", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, stable keys.")
+@click.pass_context
+def status(ctx: click.Context, service: str | None, as_json: bool) -> None:
+    """Supervisor and services; with SERVICE also its recent transitions."""
+    doc = request(ctx, "status", {"service": service} if service else None)
+    if as_json:
+        click.echo(json.dumps(doc, indent=None if not service else 2))
+    else:
+        click.echo(render_table(doc) + (render_history(doc) if service else ""))
+
+
+@main.command()
+@click.pass_context
+def reload(ctx: click.Context) -> None:
+    """Re-read the config and apply it; on an invalid file nothing changes (exit 2)."""
+    result = request(ctx, "reload", timeout=130)
+    parts = [f"{k}: {', '.join(result[k])}" for k in ("added", "removed", "reloaded",
+                                                       "restarted") if result.get(k)]
+    click.echo(f"reloaded (config {result['config_hash']}); " + ("; ".join(parts) or
+                                                                "nothing changed"))
+    for note in result.get("notes", []):
+        click.echo(f"note: {note}")
+
+
+@main.command()
+@click.pass_context
+def stop(ctx: click.Context) -> None:
+    """Stop every service and the daemon; returns once it has exited."""
+    result = request(ctx, "stop", timeout=300)
+    pid = result.get("pid")
+    if isinstance(pid, int):
+        wait_for_exit(pid, 30.0)
+    click.echo("optimizerd stopped")
+
+
+def wait_for_exit(pid: int, timeout: float) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not select.select([fd], [], [], timeout)[0]:
+            fail(1, f"optimizerd (pid {pid}) still running {timeout:g} s after it stopped "
+                    "its services")
+    finally:
+        os.close(fd)
+
+
+@main.command()
+@click.argument("service")
+@click.pass_context
+def restart(ctx: click.Context, service: str) -> None:
+    """Restart SERVICE (also from failed); returns once it is READY again."""
+    result = request(ctx, "restart", {"service": service}, timeout=70)
+    click.echo(f"{service}: {', '.join(result['states'])} (pid "
+               f"{', '.join(str(p) for p in result['pids'])})")
+
+
+@main.command()
+@click.argument("service")
+@click.argument("command")
+@click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="An argument; repeat.")
+@click.pass_context
+def call(ctx: click.Context, service: str, command: str, args: tuple[str, ...]) -> None:
+    """Run an admin COMMAND in the worker that owns SERVICE's state (e.g. `info`)."""
+    body: dict[str, Any] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            fail(2, f"--arg {arg!r}: expected KEY=VALUE")
+        body[key] = value
+    result = request(ctx, "call", {"service": service, "command": command, "args": body})
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
