@@ -27,6 +27,26 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def release_fork_server_fds() -> None:
+    """Close the fork server's 'alive' pipe and the resource tracker's pipe that multiprocess
+    hands to every child.
+
+    Holding the 'alive' write end would keep the fork server waiting for an EOF that never
+    comes once the supervisor is gone, and with it every worker: exactly the orphans that
+    PR_SET_PDEATHSIG is meant to prevent.
+    """
+    from multiprocess import forkserver, resource_tracker
+
+    server = forkserver._forkserver
+    if server._forkserver_alive_fd is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+    tracker = resource_tracker._resource_tracker
+    if tracker._fd is not None:
+        os.close(tracker._fd)
+        tracker._fd = None
+
+
 def adopt_output(stdout_fd: int, stderr_fd: int) -> None:
     """Send fds 1 and 2 to the supervisor's pipes, so no output of ours is ever lost."""
     sys.stdout.flush()
@@ -41,6 +61,7 @@ def adopt_output(stdout_fd: int, stderr_fd: int) -> None:
 
 def prepare_worker_process(title: str, stdout_fd: int, stderr_fd: int) -> None:
     adopt_output(stdout_fd, stderr_fd)
+    release_fork_server_fds()
     die_with_parent()
     setproctitle.setproctitle(f"optimizerd: {title}")
     # Ctrl-C in a terminal reaches the whole process group; only the supervisor decides.

@@ -120,6 +120,7 @@ class WorkerRuntime:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.request_stop, 2.0, "SIGTERM")
+        self.watch_supervisor(loop)
         token = self.spec.token
         await self.send(m.Hello(service=self.spec.service, instance=self.spec.instance,
                                 pid=os.getpid(), token=token))
@@ -144,6 +145,18 @@ class WorkerRuntime:
             self.exit_code = self.exit_code or 1
         await self.shutdown_tasks()
         return self.exit_code
+
+    def watch_supervisor(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Stop at once when the supervisor process ends (a pidfd turns readable)."""
+        try:
+            fd = os.pidfd_open(self.spec.supervisor_pid)
+        except ProcessLookupError:
+            self.request_stop(2.0, "supervisor gone", exit_code=3)
+            return
+        except OSError as exc:  # pidfd needs Linux 5.3; the silence timeout still applies
+            log.warning("cannot watch the supervisor's pid: %s", exc)
+            return
+        loop.add_reader(fd, self.request_stop, 2.0, "supervisor gone", 3)
 
     async def shutdown_tasks(self) -> None:
         for task in self.tasks:
