@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 import zmq
 import zmq.asyncio
+from prometheus_client import Counter
 
 from ipc import messages as m
 from ipc.config import Config, ServiceSection, worker_view
@@ -27,6 +28,9 @@ from ipc.endpoints import WORKERS_SOCKET, endpoint
 from ipc.logrecords import LEVELS, configure_logging
 
 log = logging.getLogger("workers.runtime")
+# Written to <runtime_dir>/metrics (multiprocess mode) and served by the supervisor's /metrics.
+HEARTBEATS = Counter("optimizer_worker_heartbeats", "Heartbeats sent by worker processes.",
+                     ["service"])
 
 
 class WorkerContext:
@@ -173,6 +177,7 @@ class WorkerRuntime:
             self.stopping.set()
 
     async def heartbeat_loop(self) -> None:
+        sent = HEARTBEATS.labels(service=self.spec.service)
         while True:
             if time.monotonic() - self.last_heard > self.silence_timeout:
                 log.error("supervisor silent for %.0f s; exiting", self.silence_timeout)
@@ -186,6 +191,7 @@ class WorkerRuntime:
             self.seq += 1
             await self.send(m.Heartbeat(token=self.spec.token, seq=self.seq, health=health,
                                         reason=reason, status=status))
+            sent.inc()
             await asyncio.sleep(self.heartbeat_interval)
 
     async def receive_loop(self) -> None:
