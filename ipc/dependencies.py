@@ -1,4 +1,4 @@
-"""Start order of services from their depends_on lists, with cycle detection that names the cycle."""
+"""Start order of services from their depends_on lists, with a cycle error naming the cycle."""
 from __future__ import annotations
 
 import graphlib

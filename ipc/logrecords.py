@@ -45,7 +45,8 @@ class StructuredFormatter(logging.Formatter):
                 doc["exc"] = exc
             return json.dumps(doc, default=str)
         extra = "".join(f" {k}={v}" for k, v in fields.items())
-        line = f"{_timestamp(record.created)} {record.levelname:<7} {service}[{pid}] {message}{extra}"
+        stamp = _timestamp(record.created)
+        line = f"{stamp} {record.levelname:<7} {service}[{pid}] {message}{extra}"
         return line + ("\n" + exc if exc else "")
 
 

@@ -39,7 +39,8 @@ class SupervisorCollector:
     def collect(self) -> Iterator[Metric]:
         doc = self.snapshot()
         labels = ["service", "instance"]
-        up = GaugeMetricFamily("optimizerd_service_up", "1 when the process is READY.", labels=labels)
+        up = GaugeMetricFamily("optimizerd_service_up", "1 when the process is READY.",
+                               labels=labels)
         state = GaugeMetricFamily("optimizerd_service_state",
                                   "1 for the state the process is in.", labels=[*labels, "state"])
         health = GaugeMetricFamily("optimizerd_service_health",

@@ -141,7 +141,7 @@ class WorkerRuntime:
         await self.stopping.wait()
         try:
             await asyncio.wait_for(self.worker.stop(), self.stop_deadline)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("stop did not finish within %.1f s; exiting anyway", self.stop_deadline)
             self.exit_code = self.exit_code or 1
         except Exception:
