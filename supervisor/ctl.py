@@ -129,7 +129,8 @@ def render_table(doc: dict[str, Any]) -> str:
                      _rss(s.get("rss_bytes")), s["reason"] or ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     for row in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, row[-1]]))
     return "\n".join(line.rstrip() for line in lines)
 
 

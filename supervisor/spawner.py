@@ -39,8 +39,7 @@ class SpawnedProcess:
 class Spawner:
     def __init__(self, preload: list[str]):
         self.ctx = multiprocess.get_context("forkserver")
-        # "__main__" first: children then skip re-running optimizerd's script on start.
-        self.ctx.set_forkserver_preload(["__main__", "ipc.launch", *preload])
+        self.ctx.set_forkserver_preload(["ipc.launch", *preload])
 
     def warm_up(self) -> None:
         """Start the fork server now, so that its imports overlap with our own start-up."""
