@@ -40,14 +40,22 @@ class AdminServer:
         self.server = server_cls((host, port), Handler)
         self.snapshot, self.multiproc_dir = snapshot, multiproc_dir
         self.thread = threading.Thread(target=self.server.serve_forever, name="admin-http",
-                                       kwargs={"poll_interval": 0.5}, daemon=True)
+                                       kwargs={"poll_interval": 1.0}, daemon=True)
 
     def start(self) -> None:
         self.thread.start()
         log.info("admin HTTP on http://%s (/metrics /health /ready)", self.listen)
 
     def close(self) -> None:
-        self.server.shutdown()
+        """Stop serving now: shutdown() waits for the serving loop's next wake-up, so wake it
+        with a connection instead of waiting out the poll interval."""
+        stopper = threading.Thread(target=self.server.shutdown, name="admin-http-stop")
+        stopper.start()
+        try:
+            socket.create_connection(self.server.server_address[:2], timeout=0.5).close()
+        except OSError as exc:
+            log.debug("waking the admin server: %s", exc)
+        stopper.join()
         self.server.server_close()
 
     def handle(self, request: BaseHTTPRequestHandler) -> None:
