@@ -10,13 +10,14 @@ import hashlib
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
-from ipc.config import (BUILTIN_SERVICES, LISTEN_PATTERN, Config, is_valid_service_name,
-                        split_listen)
+from ipc.config import (BUILTIN_SERVICES, LISTEN_PATTERN, Config, ExtraServiceSection,
+                        is_valid_service_name, split_listen)
 from ipc.dependencies import DependencyCycleError, start_order
 
 ENV_PREFIX = "LLM_OPTIMIZER__"
@@ -101,12 +102,33 @@ _MSGSPEC_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 _PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\['([^']*)'\]")
 
 
+def _choices(path: list[str | int]) -> list[Any]:
+    """The allowed values of the Literal-typed key at ``path`` of Config, else []."""
+    annotation: Any = Config
+    for part in path:
+        while typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        if isinstance(annotation, type) and issubclass(annotation, msgspec.Struct):
+            annotation = typing.get_type_hints(annotation, include_extras=True).get(part)
+        elif typing.get_origin(annotation) in (dict, list):
+            annotation = typing.get_args(annotation)[-1]
+        else:
+            return []
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return list(typing.get_args(annotation)) if typing.get_origin(annotation) is Literal else []
+
+
 def _decode_error(exc: msgspec.ValidationError, doc: dict[str, Any],
-                  env_keys: dict[str, str]) -> ConfigError:
-    """Turn msgspec's 'Expected `int`, got `str` - at `$.a.b`' into key path, problem, value."""
+                  env_keys: dict[str, str], prefix: list[str | int] | None = None
+                  ) -> ConfigError:
+    """Turn msgspec's 'Expected `int`, got `str` - at `$.a.b`' into key path, problem, value.
+
+    ``prefix`` is the path of the value that was validated on its own (msgspec leaves the keys
+    of a mapping out of its paths, so a [services.NAME] table is validated by itself)."""
     message = str(exc)
     match = _MSGSPEC_PATH.search(message)
-    path: list[str | int] = []
+    path: list[str | int] = list(prefix or [])
     if match:
         message = message[:match.start()]
         for m in _PATH_PART.finditer(match.group("path")):
@@ -120,8 +142,10 @@ def _decode_error(exc: msgspec.ValidationError, doc: dict[str, Any],
                            source=env_keys.get(key, ""))
     key = ".".join(str(p) for p in path)
     problem = message[0].lower() + message[1:] if message else "invalid value"
-    if LISTEN_PATTERN in problem:
+    if repr(LISTEN_PATTERN) in problem:  # msgspec shows the pattern as a repr
         problem = 'expected "host:port", e.g. "127.0.0.1:8080"'
+    elif problem.startswith("invalid enum value") and _choices(path):
+        problem = "expected one of " + ", ".join(repr(c) for c in _choices(path))
     return ConfigError(key, problem.replace("`", ""), lookup(doc, path),
                        source=env_keys.get(key, ""))
 
@@ -166,6 +190,13 @@ def check_semantics(config: Config) -> None:
 
 def config_from_document(doc: dict[str, Any], environ: Mapping[str, str] | None = None) -> Config:
     env_keys = apply_env_overrides(doc, os.environ if environ is None else environ)
+    services = doc.get("services")
+    if isinstance(services, dict):
+        for name, table in services.items():
+            try:
+                msgspec.convert(table, ExtraServiceSection)
+            except msgspec.ValidationError as exc:
+                raise _decode_error(exc, doc, env_keys, ["services", name]) from None
     try:
         config = msgspec.convert(doc, Config)
     except msgspec.ValidationError as exc:
