@@ -101,9 +101,23 @@ class ServiceSection(Struct, kw_only=True, forbid_unknown_fields=True):
 
 class StorageSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
     entrypoint: str = "workers.storage:StorageWorker"
-    backend: Annotated[Literal["leveldb"], doc("Where state is kept.")] = "leveldb"
+    backend: Annotated[Literal["leveldb", "postgres"], doc(
+        "Where state and the embedded event log are kept.")] = "leveldb"
     path: Annotated[str, doc("LevelDB directory. Empty: <data_dir>/leveldb.")] = ""
-    sync: Annotated[bool, doc("fsync every write batch before acknowledging it.")] = True
+    sync: Annotated[bool, doc(
+        "fsync every write group before acknowledging it (LevelDB).")] = True
+    postgres_dsn: Annotated[str, doc(
+        "PostgreSQL connection string (backend = \"postgres\"). Keep the password out of the "
+        "file: LLM_OPTIMIZER__STORAGE__POSTGRES_DSN, or PGPASSWORD / ~/.pgpass.")] = ""
+    postgres_pool_size: Annotated[int, doc(
+        "Connections in the PostgreSQL pool.", ge=1, le=100)] = 4
+    redis_url: Annotated[str, doc(
+        "Redis for caches and config-change notifications (optional), e.g. "
+        "redis://127.0.0.1:6379/0. Never the only copy of durable data.")] = ""
+    log_retention_hours: Annotated[float, doc(
+        "Event-log records older than this are dropped (0: keep).", ge=0)] = 168.0
+    log_retention_records: Annotated[int, doc(
+        "At most this many records are kept per log (0: no limit).", ge=0)] = 0
 
 
 class CollectorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):

@@ -1,7 +1,10 @@
-"""The storage service: owns the embedded store (LevelDB under the data directory).
+"""The storage service: the one owner of durable state and of the embedded event log.
 
-For now it opens the store and reports on it; the storage API and the event log come with the
-storage issue.
+Other workers reach it through ``workers.storage_client`` over its own socket, ``storage.sock``
+in the runtime directory. A backend that cannot be reached at start (PostgreSQL down) leaves the
+worker READY but degraded, with the reason, while it retries with backoff; requests meanwhile
+get UNAVAILABLE. Admin commands (``optimizerctl call storage ...``): ``stats``, ``backup``
+(a consistent copy while running) and ``restore``.
 """
 from __future__ import annotations
 
@@ -9,31 +12,136 @@ import asyncio
 import os
 from typing import Any
 
+import tenacity
+import zmq.asyncio
+
+from ipc import storage as s
 from ipc.config import StorageSection
 from workers.runtime import Worker
+from workers.storage.backend import Backend, StorageFailure, Unavailable
+from workers.storage.server import StorageServer
+
+RETENTION_INTERVAL = 60.0
+
+
+def make_backend(section: StorageSection, data_dir: str) -> Backend:
+    if section.backend == "postgres":
+        from workers.storage.postgres_backend import PostgresBackend
+
+        return PostgresBackend(section.postgres_dsn, section.postgres_pool_size)
+    from workers.storage.leveldb_backend import LevelDBBackend
+
+    return LevelDBBackend(section.path or os.path.join(data_dir, "leveldb"), section.sync)
 
 
 class StorageWorker(Worker):
-    db: Any = None
+    backend: Backend
+    server: StorageServer
+    problem: str = ""
 
     @property
-    def path(self) -> str:
+    def section(self) -> StorageSection:
         section = self.context.section
         assert isinstance(section, StorageSection)
-        return section.path or os.path.join(self.context.data_dir, "leveldb")
+        return section
 
     async def start(self) -> None:
-        import plyvel
+        self.backend = make_backend(self.section, self.context.data_dir)
+        self.ctx = zmq.asyncio.Context()
+        self.server = StorageServer(self.backend, self.ctx, self.context.runtime_dir)
+        self.tasks: list[asyncio.Task] = []
+        try:
+            await self.backend.open()
+        except Unavailable as exc:
+            self.unavailable(str(exc))
+            self.tasks.append(asyncio.create_task(self.reconnect()))
+        self.tasks.append(asyncio.create_task(self.server.serve()))
+        self.tasks.append(asyncio.create_task(self.keep_retention()))
+        self.log.info("storage on %s (%s)", self.server.path, self.backend.name)
 
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        # Opening may recover a log after a crash: keep the event loop (and heartbeats) going.
-        self.db = await asyncio.to_thread(plyvel.DB, self.path, create_if_missing=True)
-        self.log.info("LevelDB open at %s", self.path)
+    def unavailable(self, reason: str) -> None:
+        self.problem = reason
+        self.server.available = False
+        self.log.warning("backend unavailable: %s; retrying", reason)
+
+    async def reconnect(self) -> None:
+        """Open the backend again with exponential backoff and jitter until it works."""
+        retrying = tenacity.AsyncRetrying(
+            wait=tenacity.wait_exponential_jitter(initial=0.2, max=10),
+            retry=tenacity.retry_if_exception_type(Unavailable), reraise=True)
+        async for attempt in retrying:
+            with attempt:
+                try:
+                    await self.backend.open()
+                except Unavailable as exc:
+                    self.problem = str(exc)
+                    raise
+        self.problem = ""
+        self.server.available = True
+        self.log.info("backend available again")
+
+    async def keep_retention(self) -> None:
+        section = self.section
+        max_age_ms = int(section.log_retention_hours * 3600 * 1000)
+        while True:
+            await asyncio.sleep(RETENTION_INTERVAL)
+            if not self.server.available:
+                continue
+            try:
+                dropped = await self.backend.apply_retention(max_age_ms,
+                                                             section.log_retention_records)
+            except StorageFailure as exc:
+                self.log.warning("retention failed: %s", exc)
+                continue
+            if dropped:
+                self.log.info("retention dropped %d event-log records", dropped)
 
     async def stop(self) -> None:
-        if self.db is not None:
-            self.db.close()
-            self.db = None
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.server.close()
+        await self.backend.close()
+        self.ctx.term()
+
+    def health(self) -> tuple[str, str]:
+        return ("degraded", self.problem) if self.problem else ("ok", "")
 
     def status(self) -> dict[str, Any]:
-        return {"backend": "leveldb", "path": self.path, "open": self.db is not None}
+        return {"backend": self.backend.name, **self.server.status()}
+
+    async def admin(self, command: str, args: dict[str, Any]) -> Any:
+        if command == "stats":
+            return await self.backend.read(s.Stats())
+        if command == "backup":
+            return await self.backup(str(args.get("path", "")))
+        if command == "restore":
+            return await self.restore(str(args.get("path", "")))
+        return await super().admin(command, args)
+
+    async def backup(self, path: str) -> dict[str, Any]:
+        if not path or not os.path.isabs(path):
+            raise ValueError("backup needs an absolute target path that does not exist yet")
+        if not hasattr(self.backend, "backup"):
+            raise ValueError(f"{self.backend.name}: use the database's own tools (pg_dump), "
+                             "see docs/storage.md")
+        return self.backend.backup(path)
+
+    async def restore(self, path: str) -> dict[str, Any]:
+        """Swap the embedded store for a backup, live: requests wait on the loop meanwhile."""
+        from workers.storage.leveldb_backend import LevelDBBackend, restore
+
+        backend = self.backend
+        if not isinstance(backend, LevelDBBackend):
+            raise ValueError(f"{backend.name}: restore with the database's own tools")
+        if not path or not os.path.isdir(path):
+            raise ValueError(f"{path!r} is not a backup directory")
+        await backend.close()
+        try:
+            keys = restore(path, backend.path)
+        finally:
+            backend.heads.clear()
+            backend.versions.clear()
+            await backend.open()
+        self.log.warning("store restored from %s (%d keys)", path, keys)
+        return {"restored_from": path, "keys": keys}
