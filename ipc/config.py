@@ -172,6 +172,19 @@ def worker_view(section: ServiceSection) -> dict[str, Any]:
             if k not in _SUPERVISOR_OWNED}
 
 
+class EventLogSection(Struct, kw_only=True, forbid_unknown_fields=True):
+    backend: Annotated[Literal["embedded", "kafka"], doc(
+        "embedded: in the storage worker's backend; kafka: a Kafka topic (scale-out).")] = \
+        "embedded"
+    log: Annotated[str, doc("Name of the embedded log, or of the Kafka topic.",
+                            pattern=r"^[A-Za-z0-9_.\-]{1,128}$")] = "llm-events"
+    kafka_bootstrap: Annotated[str, doc(
+        "Kafka bootstrap servers, host:port[,host:port...].")] = "127.0.0.1:9092"
+    kafka_client_options: Annotated[dict[str, str], doc(
+        "Extra librdkafka options for producer and consumer (e.g. security.protocol); "
+        "secrets through the environment.")] = field(default_factory=dict)
+
+
 BUILTIN_SERVICES = ("storage", "collector", "processor", "rest_api", "grpc_api", "integrations")
 
 
@@ -185,6 +198,7 @@ class Config(Struct, kw_only=True, forbid_unknown_fields=True):
     rest_api: RestApiSection = field(default_factory=RestApiSection)
     grpc_api: GrpcApiSection = field(default_factory=GrpcApiSection)
     integrations: IntegrationsSection = field(default_factory=IntegrationsSection)
+    event_log: EventLogSection = field(default_factory=EventLogSection)
     services: Annotated[dict[str, ExtraServiceSection], doc(
         "Further services, one [services.NAME] table each.")] = field(default_factory=dict)
 

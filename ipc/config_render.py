@@ -37,6 +37,14 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _render_key(key: str, value: typing.Any) -> str:
+    """One ``key = value`` line; a table value is written inline so it stays in its section."""
+    if isinstance(value, dict):
+        inner = ", ".join(_render_key(k, v) for k, v in value.items())
+        return f"{key} = {{ {inner} }}" if inner else f"{key} = {{}}"
+    return tomli_w.dumps({key: value}).rstrip("\n")
+
+
 def _render_section(name: str, section: msgspec.Struct) -> list[str]:
     docs = _field_docs(type(section))
     lines = [f"[{name}]"]
@@ -48,7 +56,7 @@ def _render_section(name: str, section: msgspec.Struct) -> list[str]:
             continue
         if docs.get(key):
             lines.append(f"# {docs[key]}")
-        lines.append(tomli_w.dumps({key: value}).rstrip("\n"))
+        lines.append(_render_key(key, value))
     if inherited:
         lines.append("# Unset here, so taken from [supervisor]: " + ", ".join(inherited))
     return lines

@@ -20,6 +20,7 @@ MAX_KEY_BYTES = 1024
 MAX_VALUE_BYTES = 512 * 1024
 MAX_SCAN_LIMIT = 10_000
 MAX_LOG_READ = 10_000
+MAX_WAIT_MS = 30_000
 
 # Namespaces of key/value records, document collections and time series that the product uses.
 # A request naming anything else is refused (UNKNOWN_NAMESPACE), so that a typo cannot silently
@@ -186,9 +187,13 @@ class LogAppend(Op, tag="log_append"):
 
 
 class LogRead(Op, tag="log_read"):
+    """Records from ``offset`` on. With ``wait_ms``, a read that finds nothing waits up to that
+    long for an append instead of answering empty at once (long poll)."""
+
     log: str
     offset: int
     max_records: int = 500
+    wait_ms: int = 0
 
 
 class LogCommit(Op, tag="log_commit"):

@@ -31,7 +31,8 @@ def _name(kind: str, value: str) -> None:
 
 def _namespace(ns: str) -> None:
     if ns not in s.NAMESPACES:
-        raise UnknownNamespace(f"unknown namespace {ns!r}; known: {', '.join(sorted(s.NAMESPACES))}")
+        known = ", ".join(sorted(s.NAMESPACES))
+        raise UnknownNamespace(f"unknown namespace {ns!r}; known: {known}")
 
 
 def _key(key: bytes) -> None:
@@ -95,6 +96,8 @@ def validate(op: s.Op) -> None:
             _limit(op.max_records, s.MAX_LOG_READ)
             if op.offset < 0:
                 raise BadRequest("offset must be >= 0")
+            if not 0 <= op.wait_ms <= s.MAX_WAIT_MS:
+                raise BadRequest(f"wait_ms must be 0 to {s.MAX_WAIT_MS}")
     elif isinstance(op, (s.LogCommit, s.LogCommitted)):
         _name("log", op.log)
         _name("consumer group", op.group)

@@ -7,6 +7,7 @@ is durable: an acknowledged write survives a crash.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -54,6 +55,8 @@ class StorageServer:
             os.umask(old_umask)
         self.available = True
         self.served = 0
+        # Long polls: log -> reads that found nothing and wait for an append.
+        self.parked: dict[str, list[tuple[list[bytes], s.StorageRequest, asyncio.TimerHandle]]] = {}
 
     def close(self) -> None:
         self.sock.close(linger=1000)
@@ -113,14 +116,36 @@ class StorageServer:
             return
         elapsed = time.perf_counter() - started
         GROUP_SIZE.observe(len(writes))
+        appended = set()
         for (frames, request), result in zip(writes, results, strict=True):
             OP_SECONDS.labels(op_name(request.op)).observe(elapsed)
             if isinstance(result, StorageFailure):
                 self.fail(frames, request, result)
             else:
                 self.reply(frames, s.StorageReply(id=request.id, ok=True, result=result))
+                if isinstance(request.op, s.LogAppend):
+                    appended.add(request.op.log)
+        for log_name in appended:
+            for frames, request, timer in self.parked.pop(log_name, []):
+                timer.cancel()
+                await self.answer_read(frames, request, may_wait=False)
 
-    async def answer_read(self, frames: list[bytes], request: s.StorageRequest) -> None:
+    def park(self, frames: list[bytes], request: s.StorageRequest) -> None:
+        op = request.op
+        waiting = self.parked.setdefault(op.log, [])
+
+        def expire() -> None:
+            for i, (_, parked, _) in enumerate(waiting):
+                if parked is request:
+                    del waiting[i]
+                    empty = s.LogReadResult([], op.offset)
+                    self.reply(frames, s.StorageReply(id=request.id, ok=True, result=empty))
+                    return
+        timer = asyncio.get_running_loop().call_later(op.wait_ms / 1000, expire)
+        waiting.append((frames, request, timer))
+
+    async def answer_read(self, frames: list[bytes], request: s.StorageRequest,
+                          may_wait: bool = True) -> None:
         started = time.perf_counter()
         try:
             result = await self.backend.read(request.op)
@@ -132,6 +157,10 @@ class StorageServer:
             self.fail(frames, request, StorageFailure(f"internal error: {exc}"))
             return
         OP_SECONDS.labels(op_name(request.op)).observe(time.perf_counter() - started)
+        if may_wait and isinstance(request.op, s.LogRead) and request.op.wait_ms \
+                and not result.records:
+            self.park(frames, request)
+            return
         self.reply(frames, s.StorageReply(id=request.id, ok=True, result=result))
 
     def fail(self, frames: list[bytes], request: s.StorageRequest, exc: StorageFailure) -> None:
