@@ -30,6 +30,7 @@ Respond = Callable[[m.Reply], None]
 RELOAD_DEADLINE = 120.0
 RESTART_DEADLINE = 60.0
 ADMIN_CALL_DEADLINE = 10.0
+MAX_ADMIN_CALL_DEADLINE = 3600.0  # a backup of a large store may take a while
 SETTLED = (State.READY, State.FAILED)
 
 
@@ -209,7 +210,10 @@ class ControlCommands:
             if waiting:
                 waiting[0](m.error_reply(waiting[1], m.ErrorCode.TIMEOUT,
                                          f"{insts[0].service} did not answer in time"))
-        self.daemon.timers.at(time.monotonic() + ADMIN_CALL_DEADLINE, expire)
+        deadline = request.body.get("timeout_s", ADMIN_CALL_DEADLINE)
+        if not isinstance(deadline, (int, float)) or not 0 < deadline <= MAX_ADMIN_CALL_DEADLINE:
+            deadline = ADMIN_CALL_DEADLINE
+        self.daemon.timers.at(time.monotonic() + deadline, expire)
 
     def on_admin_reply(self, reply: m.AdminReply) -> None:
         waiting = self.admin_calls.pop(reply.request_id, None)

@@ -19,6 +19,7 @@ from ipc import storage as s
 from ipc.config import StorageSection
 from workers.runtime import Worker
 from workers.storage.backend import Backend, StorageFailure, Unavailable
+from workers.storage.redis_companion import RedisCompanion
 from workers.storage.server import StorageServer
 
 RETENTION_INTERVAL = 60.0
@@ -48,8 +49,13 @@ class StorageWorker(Worker):
     async def start(self) -> None:
         self.backend = make_backend(self.section, self.context.data_dir)
         self.ctx = zmq.asyncio.Context()
-        self.server = StorageServer(self.backend, self.ctx, self.context.runtime_dir)
+        self.redis = RedisCompanion(self.section.redis_url) if self.section.redis_url else None
+        self.server = StorageServer(self.backend, self.ctx, self.context.runtime_dir,
+                                    on_document=self.redis.document_changed if self.redis
+                                    else None)
         self.tasks: list[asyncio.Task] = []
+        if self.redis:
+            await self.redis.check()
         try:
             await self.backend.open()
         except Unavailable as exc:
@@ -85,6 +91,8 @@ class StorageWorker(Worker):
         max_age_ms = int(section.log_retention_hours * 3600 * 1000)
         while True:
             await asyncio.sleep(RETENTION_INTERVAL)
+            if self.redis:
+                await self.redis.check()
             if not self.server.available:
                 continue
             try:
@@ -102,10 +110,13 @@ class StorageWorker(Worker):
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.server.close()
         await self.backend.close()
+        if self.redis:
+            await self.redis.close()
         self.ctx.term()
 
     def health(self) -> tuple[str, str]:
-        return ("degraded", self.problem) if self.problem else ("ok", "")
+        problem = self.problem or (self.redis.problem if self.redis else "")
+        return ("degraded", problem) if problem else ("ok", "")
 
     def status(self) -> dict[str, Any]:
         return {"backend": self.backend.name, **self.server.status()}
@@ -125,10 +136,11 @@ class StorageWorker(Worker):
         if not hasattr(self.backend, "backup"):
             raise ValueError(f"{self.backend.name}: use the database's own tools (pg_dump), "
                              "see docs/storage.md")
-        return self.backend.backup(path)
+        # In a thread: the copy reads a snapshot while the loop goes on serving and beating.
+        return await asyncio.to_thread(self.backend.backup, path)
 
     async def restore(self, path: str) -> dict[str, Any]:
-        """Swap the embedded store for a backup, live: requests wait on the loop meanwhile."""
+        """Swap the embedded store for a backup, live."""
         from workers.storage.leveldb_backend import LevelDBBackend, restore
 
         backend = self.backend
@@ -136,12 +148,14 @@ class StorageWorker(Worker):
             raise ValueError(f"{backend.name}: restore with the database's own tools")
         if not path or not os.path.isdir(path):
             raise ValueError(f"{path!r} is not a backup directory")
+        self.server.available = False  # requests meanwhile get UNAVAILABLE, then retry
         await backend.close()
         try:
-            keys = restore(path, backend.path)
+            keys = await asyncio.to_thread(restore, path, backend.path)
         finally:
             backend.heads.clear()
             backend.versions.clear()
             await backend.open()
+            self.server.available = True
         self.log.warning("store restored from %s (%d keys)", path, keys)
         return {"restored_from": path, "keys": keys}

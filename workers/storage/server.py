@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import zmq
@@ -38,8 +39,10 @@ def op_name(op: s.Op) -> str:
 
 
 class StorageServer:
-    def __init__(self, backend: Backend, ctx: zmq.asyncio.Context, runtime_dir: str):
+    def __init__(self, backend: Backend, ctx: zmq.asyncio.Context, runtime_dir: str,
+                 on_document: Callable[[str, str, int], Awaitable[None]] | None = None):
         self.backend = backend
+        self.on_document = on_document  # told of every new document version, once durable
         self.path = os.path.join(runtime_dir, s.STORAGE_SOCKET)
         if os.path.exists(self.path):
             os.unlink(self.path)  # a socket left by a killed predecessor
@@ -125,6 +128,8 @@ class StorageServer:
                 self.reply(frames, s.StorageReply(id=request.id, ok=True, result=result))
                 if isinstance(request.op, s.LogAppend):
                     appended.add(request.op.log)
+                elif isinstance(request.op, s.DocPut) and self.on_document:
+                    await self.on_document(request.op.ns, request.op.id, result)
         for log_name in appended:
             for frames, request, timer in self.parked.pop(log_name, []):
                 timer.cancel()
