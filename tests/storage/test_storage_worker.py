@@ -16,7 +16,7 @@ import zmq
 
 from ipc import storage as s
 from ipc.config_loader import load_config
-from tests.conftest import alive, free_port, wait_until
+from tests.conftest import alive, free_port, http_get, wait_until
 from workers.eventlog import open_consumer, open_producer
 from workers.storage_client import SyncStorageClient
 
@@ -90,6 +90,16 @@ def test_group_commit_keeps_each_answer_apart(storage_daemon, client_for):
     assert answers[3] is None
     assert answers[4] == s.AppendResult(first_offset=2, next_offset=3)
     assert isinstance(answers[5], s.BadRequest)
+
+
+def test_consumer_lag_is_exported(storage_daemon, client_for):
+    d = storage_daemon()
+    c = client_for(d)
+    c.call(s.LogAppend(log="events", records=[b"x"] * 10))
+    c.call(s.LogCommit(group="processor", log="events", offset=4))
+    c.call(s.LogAppend(log="events", records=[b"y"] * 5))
+    expected = 'optimizer_storage_log_lag_records{group="processor",log="events"} 11.0'
+    wait_until(lambda: expected in http_get(d.admin_url("/metrics"))[1].decode(), 10)
 
 
 def test_bad_input_gets_typed_errors_and_the_worker_stays_up(storage_daemon, client_for):

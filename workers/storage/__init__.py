@@ -155,6 +155,8 @@ class StorageWorker(Worker):
         finally:
             backend.heads.clear()
             backend.versions.clear()
+            self.server.heads.clear()
+            self.server.committed.clear()
             await backend.open()
             self.server.available = True
         self.log.warning("store restored from %s (%d keys)", path, keys)

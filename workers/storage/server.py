@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from ipc import storage as s
 from ipc.messages import MAX_MESSAGE_BYTES, ProtocolError
@@ -32,6 +32,9 @@ GROUP_SIZE = Histogram("optimizer_storage_write_group_size", "Writes committed t
                        buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2000))
 ERRORS = Counter("optimizer_storage_errors", "Refused or failed storage operations.",
                  ["op", "code"])
+LOG_LAG = Gauge("optimizer_storage_log_lag_records",
+                "Records appended to a log and not yet committed by a consumer group.",
+                ["log", "group"], multiprocess_mode="livemax")
 
 
 def op_name(op: s.Op) -> str:
@@ -58,6 +61,8 @@ class StorageServer:
             os.umask(old_umask)
         self.available = True
         self.served = 0
+        self.committed: dict[tuple[str, str], int] = {}  # (log, group) -> offset, for lag
+        self.heads: dict[str, int] = {}  # log -> next offset
         # Long polls: log -> reads that found nothing and wait for an append.
         self.parked: dict[str, list[tuple[list[bytes], s.StorageRequest, asyncio.TimerHandle]]] = {}
 
@@ -128,12 +133,25 @@ class StorageServer:
                 self.reply(frames, s.StorageReply(id=request.id, ok=True, result=result))
                 if isinstance(request.op, s.LogAppend):
                     appended.add(request.op.log)
+                    self.heads[request.op.log] = result.next_offset
+                elif isinstance(request.op, s.LogCommit):
+                    self.committed[(request.op.log, request.op.group)] = request.op.offset
+                    appended.add(request.op.log)
                 elif isinstance(request.op, s.DocPut) and self.on_document:
                     await self.on_document(request.op.ns, request.op.id, result)
         for log_name in appended:
+            await self.update_lag(log_name)
             for frames, request, timer in self.parked.pop(log_name, []):
                 timer.cancel()
                 await self.answer_read(frames, request, may_wait=False)
+
+    async def update_lag(self, log_name: str) -> None:
+        if log_name not in self.heads:
+            info = await self.backend.read(s.LogInfo(log=log_name))
+            self.heads[log_name] = info.next_offset
+        for (log, group), offset in self.committed.items():
+            if log == log_name:
+                LOG_LAG.labels(log, group).set(self.heads[log_name] - offset)
 
     def park(self, frames: list[bytes], request: s.StorageRequest) -> None:
         op = request.op
