@@ -182,7 +182,11 @@ class WorkerRuntime:
             if time.monotonic() - self.last_heard > self.silence_timeout:
                 log.error("supervisor silent for %.0f s; exiting", self.silence_timeout)
                 self.request_stop(2.0, "supervisor silent", exit_code=3)
-            health, reason = self.worker.health()
+            try:  # an exception must not end the heartbeats: it is reported, not hidden
+                health, reason = self.worker.health()
+            except Exception as exc:
+                log.exception("health() failed")
+                health, reason = "unhealthy", f"health() failed: {exc}"
             try:
                 status = self.worker.status()
             except Exception as exc:
