@@ -128,17 +128,30 @@ class WorkerRuntime:
         token = self.spec.token
         await self.send(m.Hello(service=self.spec.service, instance=self.spec.instance,
                                 pid=os.getpid(), token=token))
+        # start() first: it runs up to its first await before the first heartbeat asks health().
+        starting = asyncio.create_task(self.worker.start())
         self.tasks = [asyncio.create_task(self.receive_loop()),
                       asyncio.create_task(self.heartbeat_loop())]
+        stop_requested = asyncio.create_task(self.stopping.wait())
+        await asyncio.wait({starting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            # STOP or SIGTERM before READY: nothing is in flight yet, so drop the start rather
+            # than make the supervisor wait for it (and then kill us).
+            log.info("start of %s cancelled: stopping before ready", self.spec.service)
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            await self.shutdown_tasks()
+            return self.exit_code
         try:
-            await self.worker.start()
+            starting.result()
         except Exception:
             log.exception("start of %s failed", self.spec.service)
+            stop_requested.cancel()
             await self.shutdown_tasks()
             return 1
         await self.send(m.Ready(token=token))
         log.debug("ready")
-        await self.stopping.wait()
+        await stop_requested
         try:
             await asyncio.wait_for(self.worker.stop(), self.stop_deadline)
         except TimeoutError:
