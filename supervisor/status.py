@@ -25,8 +25,9 @@ def instance_status(inst: ServiceInstance, now: float,
         "restarts": inst.restarts,
         "heartbeat_age_s": round(now - inst.last_heartbeat, 3) if running else None,
         "health": inst.health,
-        "reason": inst.reason or (inst.history[-1].reason if inst.state in
-                                  (State.BACKOFF, State.FAILED) and inst.history else ""),
+        # Down after a failure: why (it includes the last health reason); else the health's.
+        "reason": (inst.history[-1].reason if inst.state in (State.BACKOFF, State.FAILED)
+                   and inst.history else inst.reason),
         "start_duration_s": round(inst.start_duration, 4),
         "cpu_percent": round(sample[0], 2) if sample and running else None,
         "rss_bytes": sample[1] if sample and running else None,
