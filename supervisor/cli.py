@@ -73,18 +73,23 @@ def print_default_config() -> None:
               help="One JSON object per log line (overrides observability.json_logs).")
 def start(config_path: str | None, log_level: str | None, json_logs: bool | None) -> None:
     """Run the supervisor and every enabled service in the foreground."""
-    config = load_or_exit(config_path)
-    obs = config.observability
-    obs = msgspec.structs.replace(obs, log_level=log_level or obs.log_level,
-                                  json_logs=obs.json_logs if json_logs is None else json_logs)
-    config = msgspec.structs.replace(config, observability=obs)
+    def with_overrides(config: Config) -> Config:
+        """The command line's options over the file's; applied again at every reload."""
+        obs = config.observability
+        obs = msgspec.structs.replace(obs, log_level=log_level or obs.log_level,
+                                      json_logs=obs.json_logs if json_logs is None else json_logs)
+        return msgspec.structs.replace(config, observability=obs)
+
+    config = with_overrides(load_or_exit(config_path))
 
     from ipc.logrecords import configure_logging
     from supervisor.daemon import AlreadyRunning, Daemon
 
+    obs = config.observability
     configure_logging("supervisor", obs.log_level, obs.json_logs)
     try:
-        code = Daemon(config, config_path).run()
+        code = Daemon(config, config_path,
+                      load=lambda: with_overrides(load_config(config_path))).run()
     except AlreadyRunning as exc:
         click.echo(f"optimizerd: {exc}", err=True)
         sys.exit(1)

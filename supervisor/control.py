@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from ipc import messages as m
-from ipc.config_loader import ConfigError, config_hash, load_config
+from ipc.config_loader import ConfigError, config_hash
 from supervisor.reload import plan_reload
 from supervisor.states import State
 from supervisor.status import instance_detail
@@ -243,7 +243,7 @@ class ControlCommands:
         if self.reload_in_progress:
             return refuse(m.ErrorCode.BUSY, "a reload is already in progress")
         try:
-            new = load_config(d.config_path)
+            new = d.load_config()
         except ConfigError as exc:
             d.reloads["error"] += 1
             return refuse(m.ErrorCode.CONFIG_INVALID,

@@ -14,6 +14,7 @@ import queue
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -21,7 +22,7 @@ import zmq
 
 from ipc import messages as m
 from ipc.config import Config
-from ipc.config_loader import config_hash
+from ipc.config_loader import config_hash, load_config
 from ipc.endpoints import (CONTROL_SOCKET, METRICS_DIR, PID_FILE, WORKERS_SOCKET, data_dir,
                            endpoint, ensure_private_dir, runtime_dir, socket_path)
 from ipc.logrecords import configure_logging
@@ -47,8 +48,12 @@ class AlreadyRunning(RuntimeError):
 
 
 class Daemon(Hooks):
-    def __init__(self, config: Config, config_path: str | None):
+    def __init__(self, config: Config, config_path: str | None,
+                 load: Callable[[], Config] | None = None):
         self.config, self.config_path = config, config_path
+        # How a reload reads the config: the file and environment, plus whatever the command
+        # line overrode at start (raises ConfigError).
+        self.load_config = load or (lambda: load_config(config_path))
         self.runtime = runtime_dir(config)
         self.data = data_dir(config)
         self.metrics_dir = os.path.join(self.runtime, METRICS_DIR)
