@@ -268,6 +268,9 @@ class ControlCommands:
                 elif inst.state == State.STARTING:  # it may have read the old config
                     sup.restart(inst, "reload during start")
                     sup.reload_outcomes[name] = "restarted"
+                elif inst.state == State.FAILED:  # a changed config deserves a fresh start
+                    sup.restart(inst, "reload: config changed")
+                    sup.reload_outcomes[name] = "restarted"
         for name in plan.to_restart:
             for inst in sup.instances[name]:
                 sup.restart(inst, "reload: entrypoint changed")
