@@ -189,6 +189,16 @@ def test_unhealthy_worker_is_restarted_after_failure_threshold_heartbeats(make_d
     assert meh["health"] == "degraded" and meh["reason"] == "slow"
 
 
+def test_health_that_raises_is_reported_unhealthy_not_taken_for_a_hang(make_daemon):
+    d = make_daemon(services={"fragile": {"entrypoint": PROBE, "failure_threshold": 3,
+                                          "settings": {"health_raises": True}}})
+    d.start(wait_ready=False)
+    d.wait_service("fragile", lambda s: s["restarts"] >= 1, timeout=10, what="restarted")
+    stop = next(h for h in d.history("fragile") if h["to"] == "stopping")
+    assert stop["reason"] == "unhealthy for 3 heartbeats: health() failed: probe health exploded"
+    assert "no heartbeat" not in stop["reason"]
+
+
 # --- memory ------------------------------------------------------------------------------------
 
 def test_worker_above_max_rss_mb_is_restarted_gracefully(make_daemon):

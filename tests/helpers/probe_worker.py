@@ -1,4 +1,5 @@
-"""A test-only worker: the stub plus admin commands that print raw output and grow memory.
+"""A test-only worker: the stub plus admin commands that print raw output and grow memory,
+and a health() that raises when settings.health_raises is set.
 
 The daemon under test gets tests/helpers on PYTHONPATH, so ``probe_worker:ProbeWorker`` is a
 valid entrypoint there; nothing in the product imports this.
@@ -21,6 +22,11 @@ class ProbeWorker(StubWorker):
         # Plain output, not a JSON log line: the supervisor must still capture and label it.
         print(f"probe says hello from {os.getpid()}", flush=True)
         print(f"probe complains on stderr from {os.getpid()}", file=sys.stderr, flush=True)
+
+    def health(self) -> tuple[str, str]:
+        if self.settings.get("health_raises"):
+            raise RuntimeError("probe health exploded")
+        return super().health()
 
     async def admin(self, command: str, args: dict[str, Any]) -> Any:
         if command == "grow":
