@@ -45,6 +45,11 @@ def _value(value: bytes, what: str = "value") -> None:
         raise TooLarge(f"{what} of {len(value)} bytes exceeds {s.MAX_VALUE_BYTES}")
 
 
+def _int64(value: int, what: str) -> None:
+    if not -(1 << 63) <= value < (1 << 63):
+        raise BadRequest(f"{what} {value} does not fit in a signed 64-bit integer")
+
+
 def _limit(limit: int, most: int) -> None:
     if not 1 <= limit <= most:
         raise BadRequest(f"limit {limit}: must be 1 to {most}")
@@ -71,9 +76,12 @@ def validate(op: s.Op) -> None:
     elif isinstance(op, s.TsAppend):
         _name("series", op.series)
         for point in op.points:
+            _int64(point.ts, "ts")
             _value(point.value, "point")
     elif isinstance(op, s.TsRange):
         _name("series", op.series)
+        _int64(op.start, "start")
+        _int64(op.end, "end")
         _limit(op.limit, s.MAX_SCAN_LIMIT)
     elif isinstance(op, (s.DocPut, s.DocGet, s.DocHistory)):
         _name("document id", op.id)
@@ -81,6 +89,11 @@ def validate(op: s.Op) -> None:
             _value(op.body, "document")
             if op.expected_version is not None and op.expected_version < 0:
                 raise BadRequest("expected_version must be >= 0")
+            _int64(op.expected_version or 0, "expected_version")
+        if isinstance(op, s.DocGet) and op.version is not None:
+            if op.version < 0:
+                raise BadRequest("version must be >= 0 (0 or none: the current one)")
+            _int64(op.version, "version")
         if isinstance(op, s.DocHistory):
             _limit(op.limit, s.MAX_SCAN_LIMIT)
     elif isinstance(op, s.DocList):
@@ -96,13 +109,16 @@ def validate(op: s.Op) -> None:
             _limit(op.max_records, s.MAX_LOG_READ)
             if op.offset < 0:
                 raise BadRequest("offset must be >= 0")
+            _int64(op.offset, "offset")
             if not 0 <= op.wait_ms <= s.MAX_WAIT_MS:
                 raise BadRequest(f"wait_ms must be 0 to {s.MAX_WAIT_MS}")
     elif isinstance(op, (s.LogCommit, s.LogCommitted)):
         _name("log", op.log)
         _name("consumer group", op.group)
-        if isinstance(op, s.LogCommit) and op.offset < 0:
-            raise BadRequest("offset must be >= 0")
+        if isinstance(op, s.LogCommit):
+            if op.offset < 0:
+                raise BadRequest("offset must be >= 0")
+            _int64(op.offset, "offset")
 
 
 class Backend(ABC):

@@ -238,7 +238,7 @@ class LevelDBBackend(Backend):
     def scan(self, op: s.Scan) -> s.ScanResult:
         base = kv_key(op.ns, b"")
         prefix = base + op.prefix
-        start = prefix if op.cursor is None else base + op.cursor + b"\0"
+        start = prefix if op.cursor is None else max(prefix, base + op.cursor + b"\0")
         it = self.db.iterator(prefix=prefix) if op.cursor is None else \
             _prefixed(self.db.iterator(start=start), prefix)
         records = [s.Record(k[len(base):], v) for k, v in _take(it, op.limit + 1)]
@@ -249,7 +249,7 @@ class LevelDBBackend(Backend):
     def doc_list(self, op: s.DocList) -> s.DocListResult:
         base = b"d" + _text(op.ns) + b"\0"
         prefix = base + _text(op.prefix)
-        start = prefix if op.cursor is None else base + _text(op.cursor) + b"\0"
+        start = prefix if op.cursor is None else max(prefix, base + _text(op.cursor) + b"\0")
         it = _prefixed(self.db.iterator(start=start), prefix)
         docs = []
         for k, v in _take(it, op.limit + 1):

@@ -122,6 +122,11 @@ class StorageServer:
             for frames, request in writes:
                 self.fail(frames, request, exc)
             return
+        except Exception as exc:  # a backend bug must not end the request loop
+            log.exception("write group of %d failed", len(writes))
+            for frames, request in writes:
+                self.fail(frames, request, StorageFailure(f"internal error: {exc}"))
+            return
         elapsed = time.perf_counter() - started
         GROUP_SIZE.observe(len(writes))
         appended = set()
