@@ -52,6 +52,7 @@ class ServiceInstance:
     started_at: float = 0.0       # monotonic, at spawn
     ready_at: float = 0.0
     last_heartbeat: float = 0.0
+    last_ack: float = 0.0         # when we last answered a heartbeat
     start_duration: float = 0.0   # spawn to READY of the last start
     heartbeat_seq: int = 0
     status: dict[str, Any] = field(default_factory=dict)

@@ -213,7 +213,12 @@ class Supervision:
             log.info("%s: health %s%s", inst.label, beat.health,
                      f" ({beat.reason})" if beat.reason else "")
         inst.health, inst.reason = beat.health, beat.reason
-        self.hooks.send(inst.token, m.HeartbeatAck(seq=beat.seq))
+        now = time.monotonic()
+        # The worker only needs to hear from us well within its silence timeout (several
+        # heartbeat timeouts); acknowledging every beat would double the idle traffic.
+        if now - inst.last_ack >= inst.policy.heartbeat_timeout / 2:
+            self.hooks.send(inst.token, m.HeartbeatAck(seq=beat.seq))
+            inst.last_ack = now
         if beat.health != "unhealthy":
             inst.unhealthy_streak = 0
             return
