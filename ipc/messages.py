@@ -16,6 +16,9 @@ from msgspec import Struct, field
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20
+# A worker that hears nothing from the supervisor for max(3 * heartbeat_timeout, this) exits;
+# the supervisor acknowledges heartbeats often enough for the shortest of those.
+MIN_SILENCE_TIMEOUT = 10.0
 Health = Literal["ok", "degraded", "unhealthy"]
 
 

@@ -215,8 +215,11 @@ class Supervision:
         inst.health, inst.reason = beat.health, beat.reason
         now = time.monotonic()
         # The worker only needs to hear from us well within its silence timeout (several
-        # heartbeat timeouts); acknowledging every beat would double the idle traffic.
-        if now - inst.last_ack >= inst.policy.heartbeat_timeout / 2:
+        # heartbeat timeouts); acknowledging every beat would double the idle traffic. That
+        # timeout comes from [supervisor] as it was at the worker's start, not from this
+        # service's override or a reloaded value: never wait longer than its floor allows.
+        if now - inst.last_ack >= min(inst.policy.heartbeat_timeout / 2,
+                                      m.MIN_SILENCE_TIMEOUT / 4):
             self.hooks.send(inst.token, m.HeartbeatAck(seq=beat.seq))
             inst.last_ack = now
         if beat.health != "unhealthy":

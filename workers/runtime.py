@@ -104,7 +104,7 @@ class WorkerRuntime:
         sup = config.supervisor
         self.heartbeat_interval = sup.heartbeat_interval
         # Exit on our own when the supervisor has been silent for this long.
-        self.silence_timeout = max(3 * sup.heartbeat_timeout, 10.0)
+        self.silence_timeout = max(3 * sup.heartbeat_timeout, m.MIN_SILENCE_TIMEOUT)
         self.last_heard = time.monotonic()
         self.seq = 0
         self.stopping = asyncio.Event()
