@@ -59,6 +59,17 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
+def stays_true(predicate: Callable[[], Any], duration: float, interval: float = 0.1,
+               message: str | Callable[[], str] = "") -> None:
+    """Poll ``predicate`` for ``duration`` seconds; fail as soon as it is falsy."""
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        if not predicate():
+            text = message() if callable(message) else message
+            raise AssertionError("condition stopped holding" + (f": {text}" if text else ""))
+        time.sleep(interval)
+
+
 # --- processes through /proc -------------------------------------------------------------------
 
 def proc_stat(pid: int) -> tuple[str, int, int]:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import alive, cmdline, descendants, http_get, stub, wait_until
+from conftest import alive, cmdline, descendants, http_get, stays_true, stub, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -210,3 +210,19 @@ def test_optimizerctl_stop_twice_and_status_while_stopping(make_daemon):
             first.kill()
         first.communicate()
     assert d.wait_exit(10) == 0
+
+
+@pytest.mark.timeout(60)
+def test_workers_keep_hearing_the_supervisor_with_long_heartbeat_timeouts(make_daemon):
+    """A worker exits when the supervisor is silent for max(3 * heartbeat_timeout, 10 s), with
+    [supervisor] heartbeat_timeout as it was at its start. The supervisor must answer often
+    enough for that, whatever a service's own heartbeat_timeout or a reloaded value says."""
+    d = make_daemon(services={"own": stub(heartbeat_timeout=60.0), "plain": stub()},
+                    supervisor={"heartbeat_interval": 0.2, "heartbeat_timeout": 1.0}).start()
+    pids = d.pids()
+    d.doc["supervisor"]["heartbeat_timeout"] = 40.0
+    d.write_config()
+    r = d.ctl("reload")
+    assert r.returncode == 0, r.stderr
+    stays_true(lambda: d.pids() == pids and "silent" not in d.output(), 12.0,
+               message=lambda: d.tail())

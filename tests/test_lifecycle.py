@@ -161,11 +161,17 @@ def test_a_frozen_worker_is_sigkilled_at_stop_and_the_daemon_still_exits(make_da
 
 @pytest.mark.timeout(60)
 def test_sigkill_of_the_supervisor_leaves_no_orphan(make_daemon, no_process_left):
+    """Even a worker whose event loop is blocked (it cannot notice anything) and a frozen one
+    die: the kernel kills them when the fork server goes (PR_SET_PDEATHSIG)."""
     d = make_daemon(services={"a": stub(), "b": stub(depends_on=["a"]),
-                              "pair": stub(processes=2)}).start()
+                              "pair": stub(processes=2),
+                              "wedged": stub({"hang_after": 0.3}, heartbeat_timeout=60.0),
+                              "frozen": stub(heartbeat_timeout=60.0)}).start()
+    wait_until(lambda: "hang_after reached" in d.output(), 5)
+    os.kill(d.pids()["frozen"], signal.SIGSTOP)
     tree = d.process_tree()
     workers = [p for p in d.pids().values() if p]
-    assert len(workers) == 4 and set(workers) <= set(tree)
+    assert len(workers) == 6 and set(workers) <= set(tree)
     assert all(cmdline(p).startswith("optimizerd: ") for p in workers)
     os.kill(d.pid, signal.SIGKILL)
     d.wait_exit(5)
