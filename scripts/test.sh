@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 apt_packages=()
 command -v promtool >/dev/null || apt_packages+=(prometheus)  # promtool checks our /metrics
+# The PostgreSQL storage tests run throwaway servers with initdb/pg_ctl.
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_packages+=(postgresql)
 pip_extras="[test]"
 # shellcheck source=scripts/bootstrap.sh
 source scripts/bootstrap.sh
