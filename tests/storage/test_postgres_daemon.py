@@ -8,6 +8,7 @@ storage worker over storage.sock with ``SyncStorageClient``, and to the daemon w
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -18,6 +19,7 @@ import pytest
 
 from conftest import wait_until
 from ipc import storage as s
+from workers.storage.postgres_backend import PostgresBackend
 from workers.storage_client import SyncStorageClient
 
 from .conftest import PG_PASSWORD, PgCluster
@@ -84,6 +86,30 @@ def test_daemon_serves_storage_from_postgres(make_daemon: Callable[..., Any],
     stop = d.ctl("stop")
     assert stop.returncode == 0, stop.stderr
     assert d.wait_exit(30) == 0
+    no_password_anywhere(d)
+
+
+def test_daemon_refuses_a_database_with_a_newer_schema(make_daemon: Callable[..., Any],
+                                                       pg_cluster: PgCluster) -> None:
+    dbname = pg_cluster.create_database()
+    dsn = pg_cluster.dsn(dbname)
+
+    async def migrate() -> None:
+        backend = PostgresBackend(dsn, 1)
+        await backend.open()
+        await backend.close()
+
+    asyncio.run(migrate())
+    pg_cluster.admin("INSERT INTO schema_migrations (version, name) VALUES (999, 'future')",
+                     dbname)
+    d = make_daemon(builtins=["storage"], env={DSN_VAR: dsn},
+                    extra={"storage": {"backend": "postgres", "max_restarts": 0}})
+    d.start(wait_ready=False)
+    d.wait_service("storage", lambda e: e["state"] == "failed", timeout=30)
+    assert storage_status(d)["restarts"] == 0
+    wait_until(lambda: "schema version 999" in d.output(), 10, message=d.tail)
+    assert "newer than the newest this optimizer knows" in d.output()
+    assert pg_cluster.admin("SELECT max(version) FROM schema_migrations", dbname) == [(999,)]
     no_password_anywhere(d)
 
 
