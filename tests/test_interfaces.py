@@ -10,6 +10,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 
 import msgspec
@@ -114,7 +115,10 @@ def test_control_socket_answers_bad_requests_with_error_codes(make_daemon):
 # --- sd_notify ---------------------------------------------------------------------------------
 
 class NotifyListener:
-    """A NOTIFY_SOCKET as systemd has it: AF_UNIX datagrams, sender pid from SO_PASSCRED."""
+    """A NOTIFY_SOCKET as systemd has it: AF_UNIX datagrams, sender pid from SO_PASSCRED.
+
+    A thread reads it, so that every datagram is stamped when it arrives, not when the test
+    happens to look."""
 
     def __init__(self, abstract: bool = False):
         self.dir = tempfile.mkdtemp(prefix="notify-", dir="/tmp")
@@ -130,26 +134,38 @@ class NotifyListener:
         self.sock.settimeout(0.05)
         # (monotonic time, sender pid, fields, wall-clock time) of every datagram
         self.messages: list[tuple[float, int | None, dict[str, str], float]] = []
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self.read, daemon=True)
+        self.thread.start()
 
-    def receive(self) -> None:
-        """Take every datagram that has arrived."""
-        while True:
+    def read(self) -> None:
+        while not self.closing.is_set():
             try:
                 data, anc, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(12))
             except (TimeoutError, BlockingIOError):
+                continue
+            except OSError:
                 return
+            stamp, wall = time.monotonic(), time.time()
             pid = None
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = struct.unpack("iII", payload[:12])[0]
             fields = dict(line.split("=", 1) for line in data.decode().split("\n") if line)
-            self.messages.append((time.monotonic(), pid, fields, time.time()))
+            with self.lock:
+                self.messages.append((stamp, pid, fields, wall))
+
+    def all(self) -> list:
+        with self.lock:
+            return list(self.messages)
 
     def having(self, key: str, value: str | None = None) -> list:
-        self.receive()
-        return [x for x in self.messages if key in x[2] and (value is None or x[2][key] == value)]
+        return [x for x in self.all() if key in x[2] and (value is None or x[2][key] == value)]
 
     def close(self) -> None:
+        self.closing.set()
+        self.thread.join(5)
         self.sock.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -195,7 +211,7 @@ def test_sd_notify_ready_watchdog_reloading_stopping(make_daemon, notify):
     gaps = [b - a for a, b in zip(dogs, dogs[1:])]
     assert len(dogs) >= 6
     assert 0.3 <= min(gaps) and max(gaps) <= 0.75, gaps
-    assert all(pid == d.pid for _, pid, _, _ in n.messages)
+    assert all(pid == d.pid for _, pid, _, _ in n.all())
     # Workers do not inherit the notify variables.
     for pid in d.pids().values():
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -210,7 +226,7 @@ def test_sd_notify_ready_watchdog_reloading_stopping(make_daemon, notify):
     assert len(reloading) == 1
     now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     assert 0 < now_usec - int(reloading[0][2]["MONOTONIC_USEC"]) < 10_000_000
-    order = [f for _, _, f, _ in n.messages if "RELOADING" in f or "READY" in f]
+    order = [f for _, _, f, _ in n.all() if "RELOADING" in f or "READY" in f]
     assert "RELOADING" in order[-2] and order[-1].get("READY") == "1"
     # Stop: STOPPING=1.
     r = d.ctl("stop")

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -125,9 +126,12 @@ def test_a_worker_that_ignores_stop_is_escalated_after_shutdown_timeout(make_dae
     d = make_daemon(services={"stubborn": stub({"ignore_stop": True}), "fine": stub()},
                     supervisor={"shutdown_timeout": 1.0}).start()
     tree = d.process_tree()
+    t = time.monotonic()
     r = d.ctl("stop", timeout=30)
     assert r.returncode == 0, r.stderr
     assert d.wait_exit(10) == 0
+    took = time.monotonic() - t
+    assert 1.0 <= took < 1.0 + 2.0 + 2.0, took  # shutdown_timeout, at most SIGKILL's grace
     no_process_left(tree)
     out = d.output()
     start = out.index("stopping all services")
