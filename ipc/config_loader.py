@@ -19,6 +19,7 @@ import msgspec
 from ipc.config import (BUILTIN_SERVICES, LISTEN_PATTERN, Config, ExtraServiceSection,
                         is_valid_service_name, split_listen)
 from ipc.dependencies import DependencyCycleError, start_order
+from ipc.endpoints import IPC_PATH_MAX, SOCKET_NAME_MAX, runtime_dir, socket_path
 
 ENV_PREFIX = "LLM_OPTIMIZER__"
 _MISSING = object()
@@ -157,6 +158,10 @@ def check_semantics(config: Config) -> None:
         raise ConfigError("supervisor.heartbeat_timeout", "must be greater than "
                           f"supervisor.heartbeat_interval ({sup.heartbeat_interval})",
                           sup.heartbeat_timeout)
+    runtime = runtime_dir(config)
+    if len(socket_path(runtime, "x" * SOCKET_NAME_MAX).encode()) > IPC_PATH_MAX:
+        raise ConfigError("supervisor.runtime_dir", "too long to hold sockets: a socket path "
+                          f"has at most {IPC_PATH_MAX} bytes", runtime)
     if sup.backoff_max < sup.backoff_base:
         raise ConfigError("supervisor.backoff_max", "must be at least supervisor.backoff_base "
                           f"({sup.backoff_base})", sup.backoff_max)

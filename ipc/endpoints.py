@@ -10,6 +10,8 @@ WORKERS_SOCKET = "workers.sock"
 PID_FILE = "optimizerd.pid"
 METRICS_DIR = "metrics"
 APP_DIR = "llm-optimizer"
+IPC_PATH_MAX = 107      # bytes of a Unix socket path (sockaddr_un.sun_path less its NUL)
+SOCKET_NAME_MAX = 16    # room kept for the name of any socket in the runtime directory
 
 
 class RuntimeDirError(OSError):
