@@ -227,9 +227,12 @@ class Daemon:
 
     # --- running --------------------------------------------------------------------------
 
-    def start(self, *args: str, wait_ready: bool = True, timeout: float = 30.0) -> Daemon:
+    def start(self, *args: str, wait_ready: bool = True, timeout: float = 30.0,
+              use_file: bool = True) -> Daemon:
+        """Run optimizerd; ``use_file=False`` runs it on defaults plus self.env alone."""
         self.log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(["optimizerd", "start", "-c", self.config_path, *args],
+        config = ["-c", self.config_path] if use_file else []
+        self.proc = subprocess.Popen(["optimizerd", "start", *config, *args],
                                      env=self.env, stdout=self.log_file,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)

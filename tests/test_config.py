@@ -268,3 +268,26 @@ def test_check_config_reads_the_environment_variable_for_the_file(tmp_path):
     path = write(tmp_path, "[supervisor]\nmax_restarts = -3\n")
     r = optimizerd("check-config", env={"LLM_OPTIMIZER_CONFIG": path})
     assert r.returncode == 2 and "supervisor.max_restarts" in r.stderr
+
+
+def test_runtime_dir_too_long_for_sockets_is_a_config_error(tmp_path):
+    long_dir = "/tmp/" + "r" * 100
+    with pytest.raises(ConfigError) as err:
+        load_config(None, environ={"LLM_OPTIMIZER__SUPERVISOR__RUNTIME_DIR": long_dir})
+    assert err.value.key == "supervisor.runtime_dir" and err.value.value == long_dir
+    assert "107" in err.value.problem
+    fits = "/tmp/" + "r" * 60
+    assert load_config(None, environ={"LLM_OPTIMIZER__SUPERVISOR__RUNTIME_DIR": fits})
+
+
+@pytest.mark.timeout(120)
+def test_start_with_an_unusable_runtime_dir_exits_2_before_doing_anything(tmp_path):
+    path = write(tmp_path, f"""
+        [supervisor]
+        runtime_dir = "{tmp_path}/{"d" * 100}"
+    """)
+    for args in (["check-config", "-c", path], ["start", "-c", path]):
+        r = optimizerd(*args)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        assert "supervisor.runtime_dir" in r.stderr and "Traceback" not in r.stderr
+    assert not os.path.exists(f"{tmp_path}/{'d' * 100}")

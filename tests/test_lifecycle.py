@@ -262,3 +262,49 @@ def test_second_daemon_on_the_same_runtime_dir_is_refused(make_daemon):
     assert "already running" in r.stderr and str(d.pid) in r.stderr
     assert d.status()["supervisor"]["pid"] == d.pid  # the first one is untouched
     assert descendants(d.pid)
+
+
+def test_daemon_runs_on_environment_overrides_alone(make_daemon):
+    """No file: built-in defaults plus LLM_OPTIMIZER__SECTION__KEY variables."""
+    d = make_daemon()
+    env = {"LLM_OPTIMIZER__SUPERVISOR__RUNTIME_DIR": d.runtime,
+           "LLM_OPTIMIZER__SUPERVISOR__DATA_DIR": d.data,
+           "LLM_OPTIMIZER__SUPERVISOR__HEARTBEAT_INTERVAL": "0.2",
+           "LLM_OPTIMIZER__SUPERVISOR__PRELOAD": '["zmq", "msgspec", "workers.runtime"]',
+           "LLM_OPTIMIZER__ADMIN__LISTEN": f"127.0.0.1:{d.admin_port}",
+           "LLM_OPTIMIZER__SERVICES__ENVY__ENTRYPOINT": "workers.stub:StubWorker"}
+    env.update({f"LLM_OPTIMIZER__{name.upper()}__ENABLED": "false"
+                for name in ("storage", "collector", "processor", "rest_api", "grpc_api",
+                             "integrations")})
+    d.env.update(env)
+    d.start(use_file=False)
+    doc = d.status()
+    assert doc["supervisor"]["config_file"] is None
+    assert [s["name"] for s in doc["services"]] == ["envy"]
+    assert d.service("envy")["status"] == {"settings": {}}
+
+
+def test_daemon_runs_and_reloads_from_a_yaml_file(make_daemon):
+    d = make_daemon(services={"a": stub()}, suffix=".yaml").start()
+    assert d.config_path.endswith(".yaml")
+    d.doc["services"]["b"] = stub(depends_on=["a"])
+    d.write_config()
+    r = d.ctl("reload")
+    assert r.returncode == 0 and "added: b" in r.stdout, (r.stdout, r.stderr)
+    assert d.services()["b"]["state"] == "ready"
+
+
+def test_a_very_long_output_line_is_logged_in_pieces_not_lost(make_daemon):
+    d = make_daemon(services={"probe": {"entrypoint": PROBE}}).start()
+    size = 300_000
+    text = "".join(chr(97 + i % 26) for i in range(size))
+    r = d.ctl("call", "probe", "print", "--arg", f"size={size}")
+    assert r.returncode == 0, r.stderr
+    pid = d.pids()["probe"]
+    wait_until(lambda: text[-1000:] in d.output(), 10)
+    pieces = [line for line in d.output().splitlines() if f"probe[{pid}]" in line
+              and "stream=stdout" in line and "hello" not in line]
+    assert len(pieces) >= 3  # bounded records: a runaway line is cut, every piece labelled
+    joined = "".join(line.split(f"probe[{pid}] ", 1)[1].rsplit(" stream=stdout", 1)[0]
+                     for line in pieces)
+    assert joined == text

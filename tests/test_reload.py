@@ -214,3 +214,20 @@ def test_watch_config_reloads_when_the_file_changes(make_daemon):
     d.wait_status(lambda doc: [s["name"] for s in doc["services"]] == ["base"], 10,
                   "watched removed")
     assert d.status()["supervisor"]["reloads"]["ok"] == 2
+
+
+def test_log_level_change_applies_to_supervisor_and_workers_live(make_daemon):
+    d = make_daemon(services={"a": stub(), "b": stub()}).start()
+    pids = d.pids()
+    d.doc.setdefault("observability", {})["log_level"] = "debug"
+    d.write_config()
+    r = d.ctl("reload")
+    assert r.returncode == 0, r.stderr
+    assert "reloaded: a, b" in r.stdout  # a global setting: every worker applies it
+    assert d.pids() == pids
+    mark = len(d.output())
+    r = d.ctl("restart", "a")
+    assert r.returncode == 0
+    new = d.pids()["a"]
+    wait_until(lambda: f"DEBUG   supervisor[{d.pid}] a: pid {new}" in d.output()[mark:], 5)
+    wait_until(lambda: f"DEBUG   a[{new}] ready" in d.output()[mark:], 5)

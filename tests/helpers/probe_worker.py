@@ -36,7 +36,9 @@ class ProbeWorker(StubWorker):
                 block[i] = 1
             self.ballast.append(block)
             return {"grown_mb": mb}
-        if command == "print":
-            print(args.get("text", ""), flush=True)
-            return {"printed": True}
+        if command == "print":  # text=..., or size=N for a generated line of N letters
+            size = int(args.get("size", 0))
+            text = "".join(chr(97 + i % 26) for i in range(size)) if size else args.get("text", "")
+            print(text, flush=True)
+            return {"printed": len(text)}
         return await super().admin(command, args)
