@@ -198,6 +198,9 @@ def test_optimizerctl_stop_twice_and_status_while_stopping(make_daemon):
     try:
         doc = d.wait_status(lambda doc: doc["supervisor"]["state"] == "stopping", 5)
         assert not doc["supervisor"]["ready"]
+        code, body = http_get(d.admin_url("/health"))
+        assert code == 503 and json.loads(body)["supervisor"]["state"] == "stopping"
+        assert http_get(d.admin_url("/ready"))[0] == 503
         r = d.ctl("restart", "stubborn")
         assert r.returncode == 1 and "stopping" in r.stderr
         r = d.ctl("reload")
