@@ -114,6 +114,24 @@ def test_concurrent_opens_migrate_once_under_the_advisory_lock(pg_cluster: PgClu
     assert sql(fresh, "SELECT count(*) FROM schema_migrations")[0][0] == len(load_migrations())
 
 
+def test_a_migration_lock_held_too_long_is_unavailable(pg_dsn: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.storage import postgres_backend
+
+    monkeypatch.setattr(postgres_backend, "MIGRATION_LOCK_TIMEOUT_MS", 300)
+
+    async def main() -> None:
+        holder = await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True)
+        await holder.execute("SELECT pg_advisory_lock(%s)", [MIGRATION_LOCK])
+        with pytest.raises(s.Unavailable, match="lock timeout"):
+            await opened(pg_dsn)
+        await holder.close()
+        b = await opened(pg_dsn)  # retried once the lock is free: fine
+        await b.close()
+
+    run(main())
+
+
 def test_a_newer_schema_is_refused(pg_dsn: str) -> None:
     async def main() -> None:
         b = await opened(pg_dsn)

@@ -54,6 +54,7 @@ log = logging.getLogger("workers.storage.postgres")
 T = TypeVar("T")
 INT64_MAX = (1 << 63) - 1
 MIGRATION_LOCK = 0x6C6C6D6F70745F31  # pg_advisory_xact_lock key: "llmopt_1"
+MIGRATION_LOCK_TIMEOUT_MS = 20_000
 MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 PREPARE_THRESHOLD = 1     # a statement is prepared on its second execution (a fixed set of SQL)
 POOL_TIMEOUT = 2.0        # seconds to wait for a pooled connection while the server is up
@@ -284,8 +285,6 @@ class PostgresBackend(Backend):
         conn_class = self.connection_class()
         try:
             conn = await conn_class.connect(self.dsn, **{**kwargs, "prepare_threshold": None})
-        except psycopg.OperationalError as exc:
-            raise Unavailable(f"cannot connect to PostgreSQL: {self.clean(exc)}") from None
         except psycopg.Error as exc:
             raise Unavailable(f"cannot connect to PostgreSQL: {self.clean(exc)}") from None
         try:
@@ -315,6 +314,9 @@ class PostgresBackend(Backend):
         """Apply the migrations the database lacks; returns its schema version."""
         newest = migrations[-1].version if migrations else 0
         async with conn.transaction():
+            # Waiting longer for another migrating worker (or a lock a migration needs) fails
+            # as Unavailable, and the worker tries again later.
+            await conn.execute(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT_MS}ms'")
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK])
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
