@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import subprocess
 import time
 import tomllib
 from collections.abc import Awaitable, Callable
@@ -310,3 +311,46 @@ def test_large_appends(pg_dsn: str) -> None:
 
     elapsed = run(main())
     assert elapsed < 10, f"appending 50,000 records took {elapsed:.1f} s"
+
+
+# --- backup ----------------------------------------------------------------------------------
+
+def test_pg_dump_and_pg_restore_round_trip(pg_cluster: PgCluster, pg_bin: str,
+                                           tmp_path: Any) -> None:
+    """The backup the docs recommend (the worker has none for PostgreSQL): pg_dump -Fc of the
+    live database, pg_restore into an empty one, and the backend carries on from there."""
+    source = pg_cluster.create_database()
+    target = pg_cluster.create_database()
+    env = {**os.environ, "PGPASSWORD": PG_PASSWORD}  # not on the command line
+
+    def url(db: str) -> str:
+        return f"postgresql://optimizer@127.0.0.1:{pg_cluster.port}/{db}"
+
+    async def fill() -> None:
+        b = await opened(pg_cluster.dsn(source))
+        await write(b, s.Put(ns="test", key=b"k", value=b"v"),
+                    s.DocPut(ns="configs", id="c", body=b"1"),
+                    s.LogAppend(log="l", records=[b"a", b"b", b"c"]),
+                    s.LogCommit(group="g", log="l", offset=2))
+        assert await b.apply_retention(0, 2) == 1
+        await b.close()
+
+    async def check() -> None:
+        b = await opened(pg_cluster.dsn(target))
+        assert await b.read(s.Get(ns="test", key=b"k")) == b"v"
+        assert (await b.read(s.DocGet(ns="configs", id="c"))).body == b"1"
+        assert await b.read(s.LogInfo(log="l")) == s.LogState("l", 1, 3)
+        assert await b.read(s.LogCommitted(group="g", log="l")) == 2
+        assert await write(b, s.LogAppend(log="l", records=[b"d"])) == [s.AppendResult(3, 4)]
+        await b.close()
+
+    asyncio.run(fill())
+    dump = str(tmp_path / "optimizer.dump")
+    for cmd in ([os.path.join(pg_bin, "pg_dump"), "--format=custom", "--no-owner",
+                 f"--file={dump}", f"--dbname={url(source)}"],
+                [os.path.join(pg_bin, "pg_restore"), "--no-owner", "--exit-on-error",
+                 "--single-transaction", f"--dbname={url(target)}", dump]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+    asyncio.run(check())
