@@ -142,6 +142,23 @@ def test_daemon_is_ready_but_degraded_while_postgres_is_down(
     no_password_anywhere(d)
 
 
+def test_a_later_postgres_outage_shows_as_degraded_then_ok(
+        make_daemon: Callable[..., Any], pg_new_cluster: Callable[[], PgCluster]) -> None:
+    """Health follows the database after start too: the worker checks it periodically."""
+    cluster = pg_new_cluster()
+    d = postgres_daemon(make_daemon, cluster.dsn(cluster.create_database())).start()
+    assert storage_status(d)["health"] == "ok"
+    cluster.stop()
+    entry = wait_until(lambda: (e := storage_status(d))["health"] == "degraded" and e, 30,
+                       message=lambda: json.dumps(storage_status(d)))
+    assert entry["state"] == "ready" and "PostgreSQL" in entry["reason"], entry
+    assert PG_PASSWORD not in entry["reason"]
+    cluster.start()
+    wait_until(lambda: storage_status(d)["health"] == "ok", 40,
+               message=lambda: json.dumps(storage_status(d)))
+    assert storage_status(d)["restarts"] == 0
+
+
 def test_appends_through_the_daemon_survive_a_postgres_restart(
         make_daemon: Callable[..., Any], pg_new_cluster: Callable[[], PgCluster]) -> None:
     cluster = pg_new_cluster()

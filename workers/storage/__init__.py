@@ -23,6 +23,7 @@ from workers.storage.redis_companion import RedisCompanion
 from workers.storage.server import StorageServer
 
 RETENTION_INTERVAL = 60.0
+HEALTH_INTERVAL = 5.0  # between real round trips to the backend (and Redis)
 
 
 def make_backend(section: StorageSection, data_dir: str) -> Backend:
@@ -38,7 +39,8 @@ def make_backend(section: StorageSection, data_dir: str) -> Backend:
 class StorageWorker(Worker):
     backend: Backend
     server: StorageServer
-    problem: str = ""
+    problem: str = ""  # why the backend cannot be used now (degraded)
+    fatal: str = ""    # why it never will be without a restart (unhealthy)
 
     @property
     def section(self) -> StorageSection:
@@ -63,6 +65,7 @@ class StorageWorker(Worker):
             self.tasks.append(asyncio.create_task(self.reconnect()))
         self.tasks.append(asyncio.create_task(self.server.serve()))
         self.tasks.append(asyncio.create_task(self.keep_retention()))
+        self.tasks.append(asyncio.create_task(self.watch_health()))
         self.log.info("storage on %s (%s)", self.server.path, self.backend.name)
 
     def unavailable(self, reason: str) -> None:
@@ -71,28 +74,55 @@ class StorageWorker(Worker):
         self.log.warning("backend unavailable: %s; retrying", reason)
 
     async def reconnect(self) -> None:
-        """Open the backend again with exponential backoff and jitter until it works."""
+        """Open the backend again with exponential backoff and jitter until it works.
+
+        A failure that retrying cannot mend (a newer schema, a bad DSN) makes the worker
+        unhealthy instead, so that the supervisor restarts it and its start fails loudly.
+        """
         retrying = tenacity.AsyncRetrying(
             wait=tenacity.wait_exponential_jitter(initial=0.2, max=10),
             retry=tenacity.retry_if_exception_type(Unavailable), reraise=True)
-        async for attempt in retrying:
-            with attempt:
-                try:
-                    await self.backend.open()
-                except Unavailable as exc:
-                    self.problem = str(exc)
-                    raise
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    try:
+                        await self.backend.open()
+                    except Unavailable as exc:
+                        self.problem = str(exc)
+                        raise
+        except Exception as exc:
+            self.fatal = f"cannot open the backend: {exc}"
+            self.log.error("%s", self.fatal)
+            return
         self.problem = ""
         self.server.available = True
         self.log.info("backend available again")
+
+    async def watch_health(self) -> None:
+        """Keep health true after start too: a backend or Redis that goes away later makes
+        the service degraded (requests get UNAVAILABLE meanwhile), and ok again after."""
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            if self.redis:
+                await self.redis.check()
+            if not self.server.available:
+                continue  # reconnect() owns the problem until the backend is open
+            try:
+                await self.backend.check()
+            except Unavailable as exc:
+                if self.problem != str(exc):
+                    self.log.warning("backend unavailable: %s", exc)
+                self.problem = str(exc)
+            else:
+                if self.problem:
+                    self.log.info("backend available again")
+                self.problem = ""
 
     async def keep_retention(self) -> None:
         section = self.section
         max_age_ms = int(section.log_retention_hours * 3600 * 1000)
         while True:
             await asyncio.sleep(RETENTION_INTERVAL)
-            if self.redis:
-                await self.redis.check()
             if not self.server.available:
                 continue
             try:
@@ -115,6 +145,8 @@ class StorageWorker(Worker):
         self.ctx.term()
 
     def health(self) -> tuple[str, str]:
+        if self.fatal:
+            return "unhealthy", self.fatal
         problem = self.problem or (self.redis.problem if self.redis else "")
         return ("degraded", problem) if problem else ("ok", "")
 
