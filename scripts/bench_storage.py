@@ -141,11 +141,14 @@ def postgres(dsn: str | None):
     if dsn:
         yield dsn
         return
-    from tests.storage.pg_cluster import PostgresCluster
+    from tests.storage.pg_cluster import make_cluster, pg_bindir
 
-    cluster = PostgresCluster.create()
+    bindir = pg_bindir()
+    if bindir is None:
+        raise SystemExit("no PostgreSQL server binaries: pass --postgres-dsn or --no-postgres")
+    cluster = make_cluster(bindir)
     try:
-        yield cluster.dsn
+        yield cluster.dsn(cluster.create_database())
     finally:
         cluster.destroy()
 

@@ -22,7 +22,7 @@ from workers.storage.backend import validate
 from workers.storage.postgres_backend import (MIGRATION_LOCK, BadDsn, PostgresBackend,
                                               SchemaTooNew, load_migrations)
 
-from .conftest import PG_PASSWORD, PgCluster, _free_port
+from .pg_cluster import PG_PASSWORD, PgCluster, free_port
 
 pytestmark = pytest.mark.timeout(90)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -156,7 +156,7 @@ def test_a_newer_schema_is_refused(pg_dsn: str) -> None:
 def test_unreachable_server_is_unavailable_and_the_password_stays_secret(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    dsn = f"postgresql://optimizer:{PG_PASSWORD}@127.0.0.1:{_free_port()}/nothing"
+    dsn = f"postgresql://optimizer:{PG_PASSWORD}@127.0.0.1:{free_port()}/nothing"
     started = time.monotonic()
     with pytest.raises(s.Unavailable) as caught:
         run(opened(dsn))

@@ -22,7 +22,7 @@ from ipc import storage as s
 from workers.storage.postgres_backend import PostgresBackend
 from workers.storage_client import SyncStorageClient
 
-from .conftest import PG_PASSWORD, PgCluster
+from .pg_cluster import PG_PASSWORD, PgCluster
 
 pytestmark = pytest.mark.timeout(120)
 DSN_VAR = "LLM_OPTIMIZER__STORAGE__POSTGRES_DSN"

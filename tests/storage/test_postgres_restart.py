@@ -18,7 +18,7 @@ import pytest
 from ipc import storage as s
 from workers.storage.postgres_backend import PostgresBackend
 
-from .conftest import PgCluster
+from .pg_cluster import PgCluster
 
 pytestmark = pytest.mark.timeout(120)
 WRITERS = 4
