@@ -223,29 +223,34 @@ def call(ctx: click.Context, service: str, command: str, args: tuple[str, ...]) 
     click.echo(json.dumps(result, indent=2, sort_keys=True))
 
 
+def storage_admin(ctx: click.Context, command: str, path: str, wait: float) -> Any:
+    """An admin command of the storage worker on a path, allowed ``wait`` seconds."""
+    return request(ctx, "call", {"service": "storage", "command": command,
+                                 "args": {"path": os.path.abspath(path)}, "timeout_s": wait},
+                   timeout=wait + 5)
+
+
+wait_option = click.option("--timeout", "wait", type=float, default=600.0, show_default=True,
+                           help="Seconds to wait for the copy.")
+
+
 @main.command()
 @click.argument("path", type=click.Path(exists=False))
-@click.option("--timeout", "wait", type=float, default=600.0, show_default=True,
-              help="Seconds to wait for the copy.")
+@wait_option
 @click.pass_context
 def backup(ctx: click.Context, path: str, wait: float) -> None:
     """Copy the embedded store to PATH (a new directory), consistently, while running."""
-    result = request(ctx, "call", {"service": "storage", "command": "backup",
-                                   "args": {"path": os.path.abspath(path)}, "timeout_s": wait},
-                     timeout=wait + 5)
+    result = storage_admin(ctx, "backup", path, wait)
     click.echo(f"backup of {result['keys']} keys written to {result['path']}")
 
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("--timeout", "wait", type=float, default=600.0, show_default=True,
-              help="Seconds to wait for the restore.")
+@wait_option
 @click.pass_context
 def restore(ctx: click.Context, path: str, wait: float) -> None:
     """Replace the embedded store with the backup at PATH, while running."""
-    result = request(ctx, "call", {"service": "storage", "command": "restore",
-                                   "args": {"path": os.path.abspath(path)}, "timeout_s": wait},
-                     timeout=wait + 5)
+    result = storage_admin(ctx, "restore", path, wait)
     click.echo(f"restored {result['keys']} keys from {result['restored_from']}")
 
 

@@ -291,7 +291,8 @@ class KafkaProducer(Producer):
                 deadline = deadline or now + self._report_timeout
                 if now >= deadline:
                     raise EventLogError(
-                        f"the producer's local queue stayed full for {self._report_timeout:g} s")
+                        f"the producer's local queue stayed full for {self._report_timeout:g} s"
+                    ) from None
                 await asyncio.sleep(0.01)
             except (KafkaException, ValueError, TypeError) as exc:
                 with batch.lock:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ipc import storage as s
@@ -119,6 +119,18 @@ def validate(op: s.Op) -> None:
             if op.offset < 0:
                 raise BadRequest("offset must be >= 0")
             _int64(op.offset, "offset")
+
+
+def stage_each(ops: Sequence[s.Op], stage: Callable[[s.Op], Any]) -> list[Any]:
+    """Stage every op of a write group: its result, or the StorageFailure that refused it
+    (a refusal never stops its neighbours)."""
+    results: list[Any] = []
+    for op in ops:
+        try:
+            results.append(stage(op))
+        except StorageFailure as exc:
+            results.append(exc)
+    return results
 
 
 class Backend(ABC):

@@ -26,8 +26,7 @@ from typing import Any
 import plyvel
 
 from ipc import storage as s
-from workers.storage.backend import (Backend, BadRequest, Conflict, NotFound, StorageFailure,
-                                     Unavailable, now_ms)
+from workers.storage.backend import (Backend, BadRequest, Conflict, NotFound, Unavailable, now_ms, stage_each)
 
 U64 = struct.Struct(">Q")
 TS_BIAS = 1 << 63  # signed milliseconds as unsigned, order kept
@@ -135,12 +134,7 @@ class LevelDBBackend(Backend):
 
     async def write(self, ops: Sequence[s.Op]) -> list[Any]:
         group = WriteGroup(self)
-        results: list[Any] = []
-        for op in ops:
-            try:
-                results.append(self.stage(group, op))
-            except StorageFailure as exc:
-                results.append(exc)
+        results = stage_each(ops, lambda op: self.stage(group, op))
         try:
             group.batch.write()
         except plyvel.Error as exc:

@@ -47,7 +47,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ipc import storage as s
 from workers.storage.backend import (Backend, BadRequest, Conflict, NotFound, StorageFailure,
-                                     Unavailable, now_ms)
+                                     Unavailable, now_ms, stage_each)
 
 log = logging.getLogger("workers.storage.postgres")
 
@@ -456,12 +456,7 @@ class PostgresBackend(Backend):
             if doc_cur is not None:
                 versions = {(row[0], row[1]): row[2] for row in await doc_cur.fetchall()}
         group = _Group(heads, versions)
-        results: list[Any] = []
-        for op in ops:
-            try:
-                results.append(self.stage(group, op))
-            except StorageFailure as exc:
-                results.append(exc)
+        results = stage_each(ops, lambda op: self.stage(group, op))
         await self.flush(conn, group)
         return results
 
