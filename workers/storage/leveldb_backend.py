@@ -26,7 +26,8 @@ from typing import Any
 import plyvel
 
 from ipc import storage as s
-from workers.storage.backend import (Backend, BadRequest, Conflict, NotFound, Unavailable, now_ms, stage_each)
+from workers.storage.backend import (Backend, BadRequest, Conflict, NotFound, Unavailable,
+                                     now_ms, stage_each)
 
 U64 = struct.Struct(">Q")
 TS_BIAS = 1 << 63  # signed milliseconds as unsigned, order kept
