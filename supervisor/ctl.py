@@ -16,8 +16,7 @@ import click
 import zmq
 
 from ipc import messages as m
-from ipc.config_loader import ConfigError, load_config
-from ipc.endpoints import CONTROL_SOCKET, endpoint, runtime_dir, socket_path
+from ipc.endpoints import CONTROL_SOCKET, endpoint, socket_path
 
 CONFIG_ENV = "LLM_OPTIMIZER_CONFIG"
 USAGE_CODES = {m.ErrorCode.BAD_REQUEST, m.ErrorCode.UNKNOWN_COMMAND, m.ErrorCode.NO_SUCH_SERVICE,
@@ -92,7 +91,10 @@ def main(ctx: click.Context, runtime_override: str | None, config_path: str | No
          timeout: float) -> None:
     """Control a running optimizerd."""
     runtime = runtime_override
-    if not runtime:
+    if not runtime:  # only then is the config read: --runtime-dir spares the import
+        from ipc.config_loader import ConfigError, load_config
+        from ipc.endpoints import runtime_dir
+
         try:
             runtime = runtime_dir(load_config(config_path))
         except ConfigError as exc:

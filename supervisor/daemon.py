@@ -284,8 +284,7 @@ class Daemon(Hooks):
         self.state = "stopping"
         self.notifier.stopping()
         self.watch.enable(False)
-        for inst in self.supervision.all_instances():
-            inst.want_running = False
+        self.supervision.stop_all()
 
     def close_output(self, fd: int) -> None:
         self.poller.unregister(fd)

@@ -5,6 +5,7 @@ import logging
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,7 @@ class ServiceInstance:
     last_exit: str = ""
     history: deque[Transition] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
     timers: list[Timer] = field(default_factory=list)
+    on_change: Callable[[], None] | None = field(default=None, repr=False)  # after a transition
 
     @property
     def label(self) -> str:
@@ -84,6 +86,8 @@ class ServiceInstance:
         level = logging.WARNING if new in (State.BACKOFF, State.FAILED) else logging.INFO
         log.log(level, "%s: %s -> %s%s", self.label, old.value, new.value,
                 f" ({reason})" if reason else "")
+        if self.on_change is not None:
+            self.on_change()
 
     def cancel_timers(self) -> None:
         for timer in self.timers:

@@ -57,9 +57,19 @@ class Supervision:
 
     # --- configuration ---------------------------------------------------------------------
 
+    def mark_dirty(self) -> None:
+        self.dirty = True
+
+    def stop_all(self) -> None:
+        """Shutdown: every process is to stop, in reverse dependency order."""
+        for inst in self.all_instances():
+            inst.want_running = False
+        self.dirty = True
+
     def apply_config(self, config: Config) -> None:
         """Adopt the services of ``config``: new ones are added, gone ones set to stop."""
         self.config = config
+        self.dirty = True
         enabled = config.enabled_services()
         for name, section in enabled.items():
             policy = RestartPolicy.effective(config.supervisor, section)
@@ -68,7 +78,8 @@ class Supervision:
                 inst.section, inst.policy = section, policy
                 inst.want_running = inst.index < section.processes
             for index in range(len(current), section.processes):
-                current.append(ServiceInstance(name, index, section, policy))
+                current.append(ServiceInstance(name, index, section, policy,
+                                               on_change=self.mark_dirty))
         for name, current in self.instances.items():
             if name not in enabled:
                 for inst in current:
@@ -112,6 +123,11 @@ class Supervision:
     # --- reconciliation --------------------------------------------------------------------
 
     def reconcile(self) -> None:
+        """Move every process toward what is wanted; a no-op unless something changed since
+        the last pass (a transition, a config, a shutdown), so heartbeats cost no walk."""
+        if not self.dirty:
+            return
+        self.dirty = False
         for name in self.order:
             deps_ready = all(self.service_ready(d) for d in self.section_of(name).depends_on)
             for inst in self.instances[name]:
