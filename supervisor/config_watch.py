@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import zmq
 
+from supervisor.loop_poller import LoopPoller
 from supervisor.timers import Timer, Timers
 
 log = logging.getLogger("optimizerd.config_watch")
@@ -19,7 +20,7 @@ DEBOUNCE = 0.3
 
 
 class ConfigWatch:
-    def __init__(self, path: str | None, poller: zmq.Poller, timers: Timers,
+    def __init__(self, path: str | None, poller: LoopPoller, timers: Timers,
                  on_change: Callable[[], None]):
         self.path = os.path.abspath(path) if path else None
         self.poller, self.timers, self.on_change = poller, timers, on_change

@@ -1,4 +1,4 @@
-"""optimizerd's main loop: one thread, one ZeroMQ poller, a deadline heap.
+"""optimizerd's main loop: one thread, one poller, a deadline heap.
 
 The poller watches the workers' ROUTER socket, the control ROUTER socket, the signal wakeup fd,
 every worker's exit sentinel and output pipes, the admin thread's wakeup fd and (optionally) an
@@ -31,6 +31,7 @@ from supervisor.childlogs import ChildOutput
 from supervisor.config_watch import ConfigWatch
 from supervisor.control import ControlCommands
 from supervisor.instance import ServiceInstance
+from supervisor.loop_poller import LoopPoller
 from supervisor.metrics import mark_process_dead, reset_multiprocess_dir
 from supervisor.sdnotify import SystemdNotifier
 from supervisor.spawner import SpawnedProcess, Spawner
@@ -151,7 +152,7 @@ class Daemon(Hooks):
         signal.set_wakeup_fd(self.signal_w.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, lambda *_: None)  # the wakeup fd carries the number
-        self.poller = zmq.Poller()
+        self.poller = LoopPoller()
         for item in (self.workers, self.control_sock, self.signal_r.fileno(),
                      self.wake_r.fileno()):
             self.poller.register(item, zmq.POLLIN)
@@ -177,6 +178,7 @@ class Daemon(Hooks):
         self.workers.close()
         self.control_sock.close()
         self.ctx.term()
+        self.poller.close()
         self.spawner.close()
         for name in (WORKERS_SOCKET, CONTROL_SOCKET, PID_FILE):
             try:

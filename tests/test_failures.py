@@ -180,8 +180,9 @@ def test_unhealthy_worker_is_restarted_after_failure_threshold_heartbeats(make_d
     stop = next(h for h in history if h["to"] == "stopping")
     assert stop["reason"] == "unhealthy for 3 heartbeats: cannot reach upstream"
     started = transitions(history, "stopped", "starting")[0]["at"]
-    # Three heartbeats 0.2 s apart, the first at start: not before ~0.4 s.
-    assert stop["at"] - started >= 0.35
+    # Three heartbeats: the first at start, the next two on the following multiples of the
+    # 0.2 s interval (workers beat in step), so more than one full interval has passed.
+    assert stop["at"] - started >= 0.2
     assert transitions(history, "stopping", "backoff")
     assert s["health"] == "unhealthy" or s["state"] != "ready"
     # Degraded is reported, but a degraded service stays ready and is not restarted.

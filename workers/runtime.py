@@ -209,7 +209,10 @@ class WorkerRuntime:
             await self.send(m.Heartbeat(token=self.spec.token, seq=self.seq, health=health,
                                         reason=reason, status=status))
             sent.inc()
-            await asyncio.sleep(self.heartbeat_interval)
+            # Beat on the interval's multiples of the shared monotonic clock: every worker then
+            # beats at the same instant and the supervisor wakes once for all of them.
+            interval = self.heartbeat_interval
+            await asyncio.sleep(interval - time.monotonic() % interval)
 
     async def receive_loop(self) -> None:
         while True:
