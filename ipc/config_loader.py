@@ -162,6 +162,12 @@ def check_semantics(config: Config) -> None:
     if len(socket_path(runtime, "x" * SOCKET_NAME_MAX).encode()) > IPC_PATH_MAX:
         raise ConfigError("supervisor.runtime_dir", "too long to hold sockets: a socket path "
                           f"has at most {IPC_PATH_MAX} bytes", runtime)
+    if config.storage.processes != 1:
+        raise ConfigError("storage.processes", "must be 1: the storage service is the single "
+                          "owner (and writer) of the store", config.storage.processes)
+    if config.storage.backend == "postgres" and not config.storage.postgres_dsn:
+        raise ConfigError("storage.postgres_dsn", "required with backend = \"postgres\"; set it "
+                          "in LLM_OPTIMIZER__STORAGE__POSTGRES_DSN to keep secrets out of the file")
     if sup.backoff_max < sup.backoff_base:
         raise ConfigError("supervisor.backoff_max", "must be at least supervisor.backoff_base "
                           f"({sup.backoff_base})", sup.backoff_max)
