@@ -26,6 +26,7 @@ from .pg_cluster import PG_PASSWORD, PgCluster
 
 pytestmark = pytest.mark.timeout(120)
 DSN_VAR = "LLM_OPTIMIZER__STORAGE__POSTGRES_DSN"
+RETRY_PAUSE = 0.02  # a writer's pause before it retries appends refused while the server is down
 
 
 def postgres_daemon(make_daemon: Callable[..., Any], dsn: str) -> Any:
@@ -190,7 +191,7 @@ def test_appends_through_the_daemon_survive_a_postgres_restart(
                     failed += 1
             if any(not isinstance(a, s.AppendResult) for a in answers):
                 attempt += 1
-                time.sleep(0.02)
+                time.sleep(RETRY_PAUSE)
             else:
                 i, attempt = i + 1, 0
         records: list[s.LogRecord] = []
