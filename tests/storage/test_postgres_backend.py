@@ -19,8 +19,8 @@ import pytest
 
 from ipc import storage as s
 from workers.storage.backend import validate
-from workers.storage.postgres_backend import (MIGRATION_LOCK, BadDsn, PostgresBackend,
-                                              SchemaTooNew, load_migrations)
+from workers.storage.postgres_backend import BadDsn, PostgresBackend
+from workers.storage.postgres_migrations import MIGRATION_LOCK, SchemaTooNew, load_migrations
 
 from .pg_cluster import PG_PASSWORD, PgCluster, free_port
 
@@ -117,9 +117,9 @@ def test_concurrent_opens_migrate_once_under_the_advisory_lock(pg_cluster: PgClu
 
 def test_a_migration_lock_held_too_long_is_unavailable(pg_dsn: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers.storage import postgres_backend
+    from workers.storage import postgres_migrations
 
-    monkeypatch.setattr(postgres_backend, "MIGRATION_LOCK_TIMEOUT_MS", 300)
+    monkeypatch.setattr(postgres_migrations, "MIGRATION_LOCK_TIMEOUT_MS", 300)
 
     async def main() -> None:
         holder = await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True)

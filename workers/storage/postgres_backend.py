@@ -36,8 +36,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from importlib import resources
 from typing import Any, TypeVar
 
 import psycopg
@@ -48,14 +46,18 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from ipc import storage as s
 from workers.storage.backend import (Backend, BadRequest, Conflict, NotFound, StorageFailure,
                                      Unavailable, now_ms, stage_each)
+from workers.storage.postgres_migrations import load_migrations, migrate
+from workers.storage.postgres_sql import (INSERT_HEADS, LOCK_HEADS, LOCK_DOCS, KV_UPSERT,
+                                          KV_DELETE, TS_UPSERT, DOC_INSERT, DOC_CURRENT,
+                                          LOG_INSERT, LOG_COPY, HEADS_UPDATE, COMMITS_UPSERT, GET,
+                                          SCAN, SCAN_OPEN, TS_RANGE, DOC_GET_CURRENT,
+                                          DOC_GET_VERSION, DOC_HISTORY, DOC_LIST, DOC_LIST_AFTER,
+                                          LOG_READ, HEAD, COMMITTED)
 
 log = logging.getLogger("workers.storage.postgres")
 
 T = TypeVar("T")
 INT64_MAX = (1 << 63) - 1
-MIGRATION_LOCK = 0x6C6C6D6F70745F31  # pg_advisory_xact_lock key: "llmopt_1"
-MIGRATION_LOCK_TIMEOUT_MS = 20_000
-MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 PREPARE_THRESHOLD = 1     # a statement is prepared on its second execution (a fixed set of SQL)
 POOL_TIMEOUT = 2.0        # seconds to wait for a pooled connection while the server is up
 DOWN_POOL_TIMEOUT = 0.25  # ... once a connection failed and none worked since (fail fast)
@@ -66,34 +68,8 @@ RETENTION_CHUNK = 10_000  # log records deleted per statement by retention
 WRITE_RETRIES = 3         # deadlocks and races between writers of different processes
 
 
-class SchemaTooNew(RuntimeError):
-    """The database was migrated by a newer version of the optimizer: refuse to touch it."""
-
-
 class BadDsn(RuntimeError):
     """postgres_dsn cannot be parsed (retrying cannot help)."""
-
-
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
-def load_migrations() -> list[Migration]:
-    """The migration files shipped in workers/storage/migrations, numbered 1..N in order."""
-    folder = resources.files("workers.storage").joinpath("migrations")
-    found = []
-    for entry in folder.iterdir():
-        match = MIGRATION_FILE.match(entry.name)
-        if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))
-    found.sort(key=lambda m: m.version)
-    if [m.version for m in found] != list(range(1, len(found) + 1)):
-        raise RuntimeError("storage migrations must be numbered 0001.. without gaps or "
-                           f"duplicates; found {[m.version for m in found]}")
-    return found
 
 
 def successor(prefix: bytes) -> bytes | None:
@@ -110,61 +86,6 @@ def columns(rows: Sequence[tuple]) -> list[list[Any]]:
 
 
 ID_CHARS = re.compile(r"^[A-Za-z0-9_.:\-]*$")  # what a document id may contain (NAME_PATTERN)
-
-
-# --- SQL -----------------------------------------------------------------------------------
-
-INSERT_HEADS = ("INSERT INTO log_heads (log) SELECT unnest(%b::text[]) "
-                "ON CONFLICT (log) DO NOTHING")
-LOCK_HEADS = ("SELECT log, next_offset, first_offset FROM log_heads WHERE log = ANY(%b::text[]) "
-              "ORDER BY log FOR UPDATE")
-LOCK_DOCS = ("SELECT c.ns, c.id, c.version FROM doc_current c "
-             "JOIN unnest(%b::text[], %b::text[]) AS k(ns, id) ON c.ns = k.ns AND c.id = k.id "
-             "ORDER BY c.ns, c.id FOR UPDATE OF c")
-KV_UPSERT = ("INSERT INTO kv (ns, key, value) SELECT * FROM unnest(%b::text[], %b::bytea[], "
-             "%b::bytea[]) ON CONFLICT (ns, key) DO UPDATE SET value = EXCLUDED.value")
-KV_DELETE = ("DELETE FROM kv USING unnest(%b::text[], %b::bytea[]) AS d(ns, key) "
-             "WHERE kv.ns = d.ns AND kv.key = d.key")
-TS_UPSERT = ("INSERT INTO ts_points (ns, series, ts, value) SELECT * FROM unnest(%b::text[], "
-             "%b::text[], %b::bigint[], %b::bytea[]) "
-             "ON CONFLICT (ns, series, ts) DO UPDATE SET value = EXCLUDED.value")
-DOC_INSERT = ("INSERT INTO doc_versions (ns, id, version, body, created_ms) SELECT * FROM "
-              "unnest(%b::text[], %b::text[], %b::bigint[], %b::bytea[], %b::bigint[])")
-DOC_CURRENT = ("INSERT INTO doc_current (ns, id, version) SELECT * FROM unnest(%b::text[], "
-               "%b::text[], %b::bigint[]) ON CONFLICT (ns, id) DO UPDATE "
-               "SET version = EXCLUDED.version")
-LOG_INSERT = ("INSERT INTO log_records (log, \"offset\", appended_ms, payload) SELECT * FROM "
-              "unnest(%b::text[], %b::bigint[], %b::bigint[], %b::bytea[])")
-LOG_COPY = "COPY log_records (log, \"offset\", appended_ms, payload) FROM STDIN (FORMAT BINARY)"
-HEADS_UPDATE = ("UPDATE log_heads SET next_offset = u.next_offset FROM unnest(%b::text[], "
-                "%b::bigint[]) AS u(log, next_offset) WHERE log_heads.log = u.log")
-COMMITS_UPSERT = ("INSERT INTO consumer_offsets (\"group\", log, \"offset\") SELECT * FROM "
-                  "unnest(%b::text[], %b::text[], %b::bigint[]) ON CONFLICT (\"group\", log) "
-                  "DO UPDATE SET \"offset\" = EXCLUDED.\"offset\"")
-
-GET = "SELECT value FROM kv WHERE ns = %s AND key = %s"
-SCAN = ("SELECT key, value FROM kv WHERE ns = %s AND key >= %s AND key < %s "
-        "ORDER BY key LIMIT %s")
-SCAN_OPEN = "SELECT key, value FROM kv WHERE ns = %s AND key >= %s ORDER BY key LIMIT %s"
-TS_RANGE = ("SELECT ts, value FROM ts_points WHERE ns = %s AND series = %s AND ts >= %s "
-            "AND ts < %s ORDER BY ts LIMIT %s")
-DOC_GET_CURRENT = ("SELECT d.version, d.body, d.created_ms FROM doc_current c JOIN doc_versions d "
-                   "ON d.ns = c.ns AND d.id = c.id AND d.version = c.version "
-                   "WHERE c.ns = %s AND c.id = %s")
-DOC_GET_VERSION = ("SELECT version, body, created_ms FROM doc_versions "
-                   "WHERE ns = %s AND id = %s AND version = %s")
-DOC_HISTORY = ("SELECT version, body, created_ms FROM doc_versions WHERE ns = %s AND id = %s "
-               "ORDER BY version DESC LIMIT %s")
-_DOC_LIST = ("SELECT c.id, c.version, d.body, d.created_ms FROM doc_current c JOIN doc_versions d "
-             "ON d.ns = c.ns AND d.id = c.id AND d.version = c.version "
-             "WHERE c.ns = %s AND c.id >= %s AND c.id < %s{after} ORDER BY c.id LIMIT %s")
-DOC_LIST = _DOC_LIST.format(after="")
-DOC_LIST_AFTER = _DOC_LIST.format(after=" AND c.id > %s")
-LOG_READ = ("SELECT \"offset\", appended_ms, payload FROM log_records WHERE log = %s AND "
-            "\"offset\" >= GREATEST(%s, (SELECT first_offset FROM log_heads WHERE log = %s)) "
-            "ORDER BY \"offset\" LIMIT %s")
-HEAD = "SELECT next_offset, first_offset FROM log_heads WHERE log = %s"
-COMMITTED = "SELECT \"offset\" FROM consumer_offsets WHERE \"group\" = %s AND log = %s"
 
 
 class _Group:
@@ -289,7 +210,7 @@ class PostgresBackend(Backend):
             raise Unavailable(f"cannot connect to PostgreSQL: {self.clean(exc)}") from None
         try:
             async with conn:
-                self.schema_version = await self.migrate(conn, migrations)
+                self.schema_version = await migrate(conn, migrations)
         except psycopg.OperationalError as exc:
             raise Unavailable(f"PostgreSQL failed during migration: {self.clean(exc)}") from None
         except psycopg.Error as exc:
@@ -309,35 +230,6 @@ class PostgresBackend(Backend):
         self.pool, self.down = pool, False
         log.info("PostgreSQL storage open (schema version %d, pool of %d)",
                  self.schema_version, self.pool_size)
-
-    async def migrate(self, conn: psycopg.AsyncConnection, migrations: list[Migration]) -> int:
-        """Apply the migrations the database lacks; returns its schema version."""
-        newest = migrations[-1].version if migrations else 0
-        async with conn.transaction():
-            # Waiting longer for another migrating worker (or a lock a migration needs) fails
-            # as Unavailable, and the worker tries again later.
-            await conn.execute(f"SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT_MS}ms'")
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK])
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, "
-                "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
-            cur = await conn.execute("SELECT version FROM schema_migrations")
-            have = {row[0] for row in await cur.fetchall()}
-            if have and max(have) > newest:
-                raise SchemaTooNew(
-                    f"the PostgreSQL database is at schema version {max(have)}, newer than the "
-                    f"newest this optimizer knows ({newest}): it was migrated by a newer "
-                    "release. Upgrade the optimizer, or point postgres_dsn at another database.")
-            for migration in migrations:
-                if migration.version in have:
-                    continue
-                log.info("applying storage migration %04d_%s", migration.version,
-                         migration.name)
-                await conn.execute(migration.sql.encode(), prepare=False)
-                await conn.execute("INSERT INTO schema_migrations (version, name) "
-                                   "VALUES (%s, %s)", [migration.version, migration.name])
-                have.add(migration.version)
-        return max(have) if have else 0
 
     async def close(self) -> None:
         pool, self.pool = self.pool, None
