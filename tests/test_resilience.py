@@ -12,6 +12,7 @@ import datetime
 import os
 import random
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ from workers.resilience import (
     SlidingWindowLimiter,
     TokenBucket,
     TransientError,
+    make_storage,
     parse_retry_after,
     retry_after_of,
     wait_full_jitter,
@@ -218,6 +220,26 @@ def test_sliding_window_reports_unreachable_redis() -> None:
         await limiter.close()
 
     run(scenario())
+
+
+def test_sliding_window_gives_up_on_a_hung_redis() -> None:
+    """A Redis that accepts connections but never answers costs one timeout, not a hang."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # connections complete in the backlog; nothing ever replies
+        port = listener.getsockname()[1]
+
+        async def scenario() -> None:
+            storage, pool = make_storage(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+            limiter = SlidingWindowLimiter("5/minute", storage)
+            try:
+                with pytest.raises(LimiterUnavailable):
+                    await asyncio.wait_for(limiter.hit("k"), 10)
+            finally:
+                assert pool is not None
+                await pool.aclose()
+
+        run(scenario())
 
 
 def test_sliding_window_refuses_unknown_storage() -> None:

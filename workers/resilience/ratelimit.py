@@ -102,18 +102,21 @@ class TokenBucket:
         self._buckets.pop(key, None)
 
 
-def make_storage(uri: str, *, key_prefix: str = "optimizer-ratelimit"
+def make_storage(uri: str, *, key_prefix: str = "optimizer-ratelimit", timeout: float = 2.0
                  ) -> tuple[limits.aio.storage.Storage, redis.asyncio.ConnectionPool | None]:
     """An async ``limits`` storage from ``memory://`` or ``redis://host:port/db``, with the
     Redis connection pool to close when done (None for memory).
 
     Redis goes through redis-py (a project dependency) rather than ``limits``' default coredis,
-    on a pool of our own so that ``close()`` can release its connections.
+    on a pool of our own so that ``close()`` can release its connections. ``timeout`` bounds
+    each Redis round trip, so that a hung Redis turns into ``LimiterUnavailable`` rather than
+    a hung request.
     """
     if uri == "memory://":
         return limits.aio.storage.MemoryStorage(), None
     if uri.startswith(("redis://", "rediss://")):
-        pool = redis.asyncio.ConnectionPool.from_url(uri)
+        pool = redis.asyncio.ConnectionPool.from_url(uri, socket_timeout=timeout,
+                                                     socket_connect_timeout=timeout)
         storage = limits.aio.storage.RedisStorage(
             f"async+{uri}", implementation="redispy", key_prefix=key_prefix,
             wrap_exceptions=True, connection_pool=pool)
