@@ -14,6 +14,7 @@ from msgspec import Meta, Struct, field
 PositiveFloat = Annotated[float, Meta(gt=0)]
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+TokenPrice = Annotated[float, Meta(ge=0, le=1)]
 LISTEN_PATTERN = r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}$"
 SERVICE_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,31}$"
 DEFAULT_PRELOAD = ["zmq", "msgspec", "prometheus_client", "aiohttp", "plyvel", "grpc",
@@ -120,6 +121,15 @@ class StorageSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
         "At most this many records are kept per log (0: no limit).", ge=0)] = 0
 
 
+class PriceOverride(Struct, kw_only=True, forbid_unknown_fields=True):
+    """One model's prices in [collector] prices, USD per token."""
+
+    input: Annotated[float, doc("USD per input token.", ge=0, le=1)]
+    output: Annotated[float, doc("USD per output token.", ge=0, le=1)]
+    cached_input: Annotated[TokenPrice | None, doc(
+        "USD per cached input token; unset: the price file's, else the input price.")] = None
+
+
 class CollectorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
     entrypoint: str = "workers.collector:CollectorWorker"
     depends_on: list[str] = field(default_factory=lambda: ["storage"])
@@ -127,6 +137,16 @@ class CollectorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True)
         "127.0.0.1:4318"
     otlp_grpc_listen: Annotated[str, doc("OTLP/gRPC ingest.", pattern=LISTEN_PATTERN)] = \
         "127.0.0.1:4317"
+    price_file: Annotated[str, doc(
+        "Price table (TOML, USD per token, as etc/prices.toml) for events that report no "
+        "cost. Empty: the table shipped with the package.")] = ""
+    litellm_price_file: Annotated[str, doc(
+        "LiteLLM model_prices_and_context_window.json; its per-token prices take precedence "
+        "over price_file. Empty: none.")] = ""
+    prices: Annotated[dict[str, PriceOverride], doc(
+        "Per-model prices taking precedence over both files, USD per token, e.g. "
+        "prices = { \"gpt-4o\" = { input = 2.5e-6, output = 1e-5, cached_input = 1.25e-6 } }."
+    )] = field(default_factory=dict)
 
 
 class ProcessorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):

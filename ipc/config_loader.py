@@ -17,7 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from ipc.config import (BUILTIN_SERVICES, LISTEN_PATTERN, Config, ExtraServiceSection,
-                        is_valid_service_name, split_listen)
+                        PriceOverride, is_valid_service_name, split_listen)
 from ipc.dependencies import DependencyCycleError, start_order
 from ipc.endpoints import IPC_PATH_MAX, SOCKET_NAME_MAX, runtime_dir, socket_path
 
@@ -208,6 +208,14 @@ def config_from_document(doc: dict[str, Any], environ: Mapping[str, str] | None 
                 msgspec.convert(table, ExtraServiceSection)
             except msgspec.ValidationError as exc:
                 raise _decode_error(exc, doc, env_keys, ["services", name]) from None
+    prices = lookup(doc, ["collector", "prices"])
+    if isinstance(prices, dict):
+        for model, table in prices.items():
+            try:
+                msgspec.convert(table, PriceOverride)
+            except msgspec.ValidationError as exc:
+                raise _decode_error(exc, doc, env_keys, ["collector", "prices", model]) \
+                    from None
     try:
         config = msgspec.convert(doc, Config)
     except msgspec.ValidationError as exc:

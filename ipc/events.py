@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import re
 import time as _time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
 import msgspec
@@ -58,7 +58,7 @@ MAX_TAG_KEY_CHARS = 128
 MAX_TAG_VALUE_CHARS = 1024
 MAX_TOKENS = 10 ** 12
 _NS = 1_000_000_000
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _RFC3339 = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})$")
 _FINGERPRINT = re.compile(r"^[\x21-\x7e]{1,128}$")
@@ -207,7 +207,8 @@ def parse_time(value: Any) -> int:
     """RFC 3339 text (with an offset) or Unix seconds -> int nanoseconds since the epoch, UTC.
     Raises ValueError with the reason."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValueError("expected an RFC 3339 string or Unix seconds, got " + _type_name(value))
+        got = _type_name(value)  # a ValueError, as for every other bad time: callers catch that
+        raise ValueError(f"expected an RFC 3339 string or Unix seconds, got {got}")  # noqa: TRY004
     if isinstance(value, str):
         m = _RFC3339.match(value)
         if m is None:
@@ -216,7 +217,7 @@ def parse_time(value: Any) -> int:
         year, month, day, hour, minute, second = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
         offset = m.group(8)
         if offset in ("Z", "z"):
-            tz = timezone.utc
+            tz = UTC
         else:
             sign = -1 if offset[0] == "-" else 1
             hours, minutes = int(offset[1:3]), int(offset[4:6])

@@ -7,8 +7,16 @@ from typing import Any
 import msgspec
 import pytest
 
-from ipc.events import (MAX_FUTURE_SECONDS, EventDecodeError, EventRejected, LLMEvent,
-                        decode_event, encode_event, parse_json_event, parse_time)
+from ipc.events import (
+    MAX_FUTURE_SECONDS,
+    EventDecodeError,
+    EventRejected,
+    LLMEvent,
+    decode_event,
+    encode_event,
+    parse_json_event,
+    parse_time,
+)
 
 NOW = 1_750_000_000.0  # 2025-06-15T15:06:40Z
 NS = 1_000_000_000
@@ -184,11 +192,11 @@ def test_required_fields(key: str) -> None:
     ({"operation": 7}, "operation", "expected a string, got number"),
     ({"variant": "v" * 129}, "variant", "longer than 128 characters"),
     ({"prompt_fingerprint": "Summarise this document for me"}, "prompt_fingerprint",
-     "expected a hash of the prompt (1-128 printable characters, no spaces), "
-     "never the prompt text"),
+     ("expected a hash of the prompt (1-128 printable characters, no spaces), "
+      "never the prompt text")),
     ({"prompt_fingerprint": "a" * 129}, "prompt_fingerprint",
-     "expected a hash of the prompt (1-128 printable characters, no spaces), "
-     "never the prompt text"),
+     ("expected a hash of the prompt (1-128 printable characters, no spaces), "
+      "never the prompt text")),
     ({"prompt_fingerprint": 123}, "prompt_fingerprint", "expected a string, got number"),
     ({"tags": ["a"]}, "tags", "expected an object of strings, got array"),
     ({"tags": {"team": 5}}, 'tags["team"]', "expected a string, got number"),
