@@ -1,12 +1,57 @@
-"""The collector service: ingest of LLM-call telemetry. Its ingest paths come with the collector
-issue; until then it runs, heartbeats and reports that it ingests nothing."""
+"""The collector service: how the optimizer sees an organisation's LLM calls.
+
+Ingest paths validate what arrives, append the valid events to the event log and acknowledge
+their clients only once the events are durable; rejected inputs are answered with the field at
+fault and kept in the dead-letter log. For now: JSON batches on ``POST /v1/events``.
+OTLP/HTTP and OTLP/gRPC, feedback and the Kafka consumer come next (issue 4).
+"""
 from __future__ import annotations
 
 from typing import Any
 
+from aiohttp import web
+
+from ipc.config import CollectorSection, split_listen
+from ipc.prices import price_table_from_config
+from workers.collector.json_ingest import post_events
+from workers.collector.pipeline import IngestPipeline
+from workers.eventlog import open_producer
 from workers.runtime import Worker
+from workers.storage_client import StorageClient
+
+MAX_BODY_BYTES = 16 << 20   # a request larger than this is answered 413
+MAX_IN_FLIGHT = 50_000      # events accepted and not yet durable, before 503s
 
 
 class CollectorWorker(Worker):
+    runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        section = self.context.section
+        assert isinstance(section, CollectorSection)
+        self.producer = open_producer(self.context.config, self.context.runtime_dir)
+        self.storage = StorageClient(self.context.runtime_dir)
+        self.pipeline = IngestPipeline(self.producer, self.storage,
+                                       price_table_from_config(section), MAX_IN_FLIGHT)
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app["pipeline"] = self.pipeline
+        app.router.add_post("/v1/events", post_events)
+        app.router.add_get("/health", self.health_handler)
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self.runner.setup()
+        host, port = split_listen(section.listen)
+        await web.TCPSite(self.runner, host, port, reuse_port=section.processes > 1).start()
+        self.log.info("collector on http://%s", section.listen)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()  # in-flight requests finish: their appends complete
+            self.runner = None
+        await self.producer.close()
+        await self.storage.close()
+
+    async def health_handler(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "service": "collector"})
+
     def status(self) -> dict[str, Any]:
-        return {"ingest": "not implemented yet"}
+        return {"listen": self.context.section.listen, "in_flight": self.pipeline.in_flight}

@@ -1,0 +1,102 @@
+"""JSON ingest end to end: optimizerd with storage and collector, events read back from the log."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+from ipc import storage as s
+from ipc.events import decode_event
+from tests.conftest import http_get, wait_until
+from workers.storage_client import SyncStorageClient
+
+EVENT = {"event_id": "e-1", "time": "2026-11-25T10:00:00Z", "service": "support-bot",
+         "model": "gpt-4o", "input_tokens": 1200, "output_tokens": 300, "latency_ms": 850.5}
+
+
+@pytest.fixture
+def collector(make_daemon):
+    d = make_daemon(builtins=["storage", "collector"]).start()
+    d.url = f"http://{d.doc['collector']['listen']}"
+    return d
+
+
+def post(url: str, body: bytes, content_type: str = "application/json"
+         ) -> tuple[int, dict, dict]:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, dict(r.headers), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), json.loads(e.read() or b"null")
+
+
+def read_log(runtime: str, log: str) -> list[bytes]:
+    client = SyncStorageClient(runtime)
+    try:
+        return [r.payload for r in client.call(s.LogRead(log=log, offset=0,
+                                                         max_records=10_000)).records]
+    finally:
+        client.close()
+
+
+def test_valid_events_are_stored_and_invalid_ones_rejected_one_by_one(collector):
+    future = time.time() + 3600
+    events = [EVENT,
+              dict(EVENT, event_id="e-2", input_tokens=-5),
+              dict(EVENT, event_id="e-3", time=future),
+              dict(EVENT, event_id="e-4", colour="blue"),
+              {k: v for k, v in EVENT.items() if k != "model"},
+              dict(EVENT, event_id="e-6", tags={"team": "search"}, quality=0.9, status="error",
+                   error_type="rate_limited")]
+    status, _, body = post(collector.url + "/v1/events", json.dumps({"events": events}).encode())
+    assert status == 200, body
+    assert body["accepted"] == 2
+    assert [(r["index"], r["path"]) for r in body["rejected"]] == [
+        (1, "events[1].input_tokens"), (2, "events[2].time"), (3, "events[3].colour"),
+        (4, "events[4].model")]
+    assert all(r["reason"] for r in body["rejected"])
+    stored = [decode_event(p) for p in read_log(collector.runtime, "llm-events")]
+    assert [(e.event_id, e.input_tokens, e.model) for e in stored] == [
+        ("e-1", 1200, "gpt-4o"), ("e-6", 1200, "gpt-4o")]
+    assert stored[1].tags == {"team": "search"} and stored[1].error_type == "rate_limited"
+    # No cost in the input: computed from the shipped price table, which says so.
+    assert stored[0].cost_usd is not None and stored[0].cost_usd > 0
+    assert stored[0].price_version
+    dead = [json.loads(p) for p in read_log(collector.runtime, "collector.dead-letters")]
+    assert [(d["path"], d["original"].get("event_id")) for d in dead] == [
+        ("events[1].input_tokens", "e-2"), ("events[2].time", "e-3"),
+        ("events[3].colour", "e-4"), ("events[4].model", "e-1")]
+
+    metrics = lambda: http_get(collector.admin_url("/metrics"))[1].decode()  # noqa: E731
+    wait_until(lambda: 'collector_events_accepted_total{source="json"} 2.0' in metrics(), 10)
+    assert 'collector_dead_letters_total{source="json"} 4.0' in metrics()
+    assert 'collector_events_rejected_total{reason="input_tokens",source="json"} 1.0' \
+        in metrics()
+
+
+@pytest.mark.parametrize("body, content_type, status", [
+    (b"[1, 2]", "application/json", 400),
+    (b'{"events": {}}', "application/json", 400),
+    (b'{"events": [], "extra": 1}', "application/json", 400),
+    (b"{not json", "application/json", 400),
+    (b'{"events": []}', "text/plain", 415),
+])
+def test_bodies_of_the_wrong_shape_get_problem_details(collector, body, content_type, status):
+    code, headers, answer = post(collector.url + "/v1/events", body, content_type)
+    assert code == status
+    assert headers["Content-Type"].startswith("application/problem+json")
+    assert answer["status"] == status and answer["detail"]
+
+
+def test_bodies_beyond_the_limits_are_refused(collector):
+    code, _, _ = post(collector.url + "/v1/events",
+                      b'{"events": [' + b"1," * (9 << 20) + b"1]}")
+    assert code == 413
+    code, _, answer = post(collector.url + "/v1/events",
+                           json.dumps({"events": [EVENT] * 10_001}).encode())
+    assert code == 413 and "10001" in answer["detail"]
+    assert collector.services()["collector"]["restarts"] == 0

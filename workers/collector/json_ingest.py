@@ -1,0 +1,81 @@
+"""JSON ingest: ``POST /v1/events`` with ``{"events": [...]}``.
+
+Each event is validated on its own: valid ones are appended durably, then the answer says how
+many were accepted and why each other one was rejected (index, field path, reason). A body
+that is not such an object is a 400 problem (RFC 9457). A full collector answers 503 with
+Retry-After and acknowledges nothing.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from ipc.events import EventRejected, parse_json_event
+from workers.collector.pipeline import IngestPipeline, NotDurable, Overloaded
+
+MAX_EVENTS_PER_REQUEST = 10_000
+SOURCE = "json"
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> web.Response:
+    """An RFC 9457 problem-details answer."""
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+    headers = {"Retry-After": str(int(extra["retry_after"]))} if "retry_after" in extra else None
+    return web.json_response(body, status=status, content_type="application/problem+json",
+                             headers=headers)
+
+
+def unavailable(exc: Overloaded | NotDurable) -> web.Response:
+    retry_after = exc.retry_after if isinstance(exc, Overloaded) else 1.0
+    return problem(503, "Service Unavailable", str(exc), retry_after=max(1, round(retry_after)))
+
+
+async def read_json(request: web.Request) -> Any | web.Response:
+    """The request's JSON document, or the problem answer to send instead."""
+    if request.content_type != "application/json":
+        return problem(415, "Unsupported Media Type",
+                       f"expected application/json, got {request.content_type or 'nothing'}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # over the app's client_max_size
+        return problem(413, "Content Too Large",
+                       f"the body exceeds {request.client_max_size} bytes; send smaller batches")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return problem(400, "Bad Request", f"the body is not JSON: {exc}")
+
+
+async def post_events(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    pipeline: IngestPipeline = request.app["pipeline"]
+    body = await read_json(request)
+    if isinstance(body, web.Response):
+        return body
+    if not isinstance(body, dict) or not isinstance(body.get("events"), list):
+        return problem(400, "Bad Request", 'expected an object {"events": [...]}',
+                       path="events")
+    unknown = sorted(set(body) - {"events"})
+    if unknown:
+        return problem(400, "Bad Request", f"unknown key {unknown[0]!r} in the body",
+                       path=unknown[0])
+    items = body["events"]
+    if len(items) > MAX_EVENTS_PER_REQUEST:
+        return problem(413, "Content Too Large",
+                       f"{len(items)} events in one request; at most {MAX_EVENTS_PER_REQUEST}")
+    accepted, rejected, dead = [], [], []
+    for index, item in enumerate(items):
+        try:
+            accepted.append(parse_json_event(item, index))
+        except EventRejected as exc:
+            rejected.append({"index": index, "path": exc.path, "reason": exc.reason})
+            dead.append((item, exc.path, exc.reason))
+    try:
+        await pipeline.submit(SOURCE, accepted, started)
+    except (Overloaded, NotDurable) as exc:
+        return unavailable(exc)
+    await pipeline.dead_letter(SOURCE, dead)
+    return web.json_response({"accepted": len(accepted), "rejected": rejected})
