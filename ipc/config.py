@@ -137,6 +137,11 @@ class CollectorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True)
         "127.0.0.1:4318"
     otlp_grpc_listen: Annotated[str, doc("OTLP/gRPC ingest.", pattern=LISTEN_PATTERN)] = \
         "127.0.0.1:4317"
+    max_in_flight: Annotated[int, doc(
+        "Events accepted and not yet durable, per process; beyond it ingest answers 503 with "
+        "Retry-After (memory stays bounded).", ge=1)] = 50_000
+    max_body_mb: Annotated[float, doc(
+        "Largest request body, in MiB; larger ones are answered 413.", gt=0, le=1024)] = 16.0
     price_file: Annotated[str, doc(
         "Price table (TOML, USD per token, as etc/prices.toml) for events that report no "
         "cost. Empty: the table shipped with the package.")] = ""

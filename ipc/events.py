@@ -340,3 +340,45 @@ def _tags(value: Any, path: str) -> dict[str, str]:
         if len(item) > MAX_TAG_VALUE_CHARS:
             raise EventRejected(where, f"longer than {MAX_TAG_VALUE_CHARS} characters")
     return dict(value)
+
+
+# --- feedback ---------------------------------------------------------------------------------
+
+class Feedback(Struct, array_like=True, kw_only=True):
+    """A quality score that arrives after its event (POST /v1/feedback), joined by event_id."""
+
+    event_id: str
+    quality: float
+    received_ns: int
+
+
+FEEDBACK_KEYS = frozenset({"event_id", "quality"})
+_feedback_decoder = msgspec.msgpack.Decoder(Feedback)
+
+
+def parse_feedback(obj: Any, index: int, received_ns: int) -> Feedback:
+    """One ``{"event_id", "quality"}`` item, or EventRejected at ``feedback[i].key``."""
+    path = f"feedback[{index}]"
+    if not isinstance(obj, dict):
+        raise EventRejected(path, f"expected an object, got {_type_name(obj)}")
+    for key in obj:
+        if key not in FEEDBACK_KEYS:
+            raise EventRejected(f"{path}.{key}" if isinstance(key, str) else path,
+                                f"unknown field {key!r}")
+    for key in sorted(FEEDBACK_KEYS):
+        if obj.get(key) is None:
+            raise EventRejected(f"{path}.{key}", "required")
+    fields = _Fields(obj, path)
+    return Feedback(event_id=fields.string("event_id", MAX_ID_CHARS),
+                    quality=fields.number("quality", 0.0, 1.0), received_ns=received_ns)
+
+
+def encode_feedback(feedback: Feedback) -> bytes:
+    return _encoder.encode(feedback)
+
+
+def decode_feedback(data: bytes) -> Feedback:
+    try:
+        return _feedback_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(f"not an encoded Feedback: {exc}") from None

@@ -36,9 +36,13 @@ def post(url: str, body: bytes, content_type: str = "application/json"
 
 def read_log(runtime: str, log: str) -> list[bytes]:
     client = SyncStorageClient(runtime)
+    payloads: list[bytes] = []
     try:
-        return [r.payload for r in client.call(s.LogRead(log=log, offset=0,
-                                                         max_records=10_000)).records]
+        while True:
+            page = client.call(s.LogRead(log=log, offset=len(payloads), max_records=10_000))
+            if not page.records:
+                return payloads
+            payloads += [r.payload for r in page.records]
     finally:
         client.close()
 
@@ -99,4 +103,76 @@ def test_bodies_beyond_the_limits_are_refused(collector):
     code, _, answer = post(collector.url + "/v1/events",
                            json.dumps({"events": [EVENT] * 10_001}).encode())
     assert code == 413 and "10001" in answer["detail"]
+    assert collector.services()["collector"]["restarts"] == 0
+
+
+def test_feedback_is_kept_for_the_processor(collector):
+    from ipc.events import decode_feedback
+
+    body = {"feedback": [{"event_id": "e-1", "quality": 0.75},
+                         {"event_id": "e-2", "quality": 1.5},
+                         {"quality": 0.5}]}
+    code, _, answer = post(collector.url + "/v1/feedback", json.dumps(body).encode())
+    assert code == 200 and answer["accepted"] == 1
+    assert [(r["index"], r["path"]) for r in answer["rejected"]] == [
+        (1, "feedback[1].quality"), (2, "feedback[2].event_id")]
+    kept = [decode_feedback(p) for p in read_log(collector.runtime, "llm-feedback")]
+    assert [(f.event_id, f.quality) for f in kept] == [("e-1", 0.75)]
+
+
+def test_too_many_events_in_flight_get_503_with_retry_after(make_daemon):
+    """Backpressure: beyond max_in_flight, nothing is acknowledged and the client is told when
+    to come back, instead of the collector buffering without bound."""
+    d = make_daemon(builtins=["storage", "collector"],
+                    extra={"collector": {"max_in_flight": 10}}).start()
+    url = f"http://{d.doc['collector']['listen']}/v1/events"
+    code, headers, answer = post(url, json.dumps(
+        {"events": [dict(EVENT, event_id=f"x-{i}") for i in range(11)]}).encode())
+    assert code == 503 and int(headers["Retry-After"]) >= 1, answer
+    assert read_log(d.runtime, "llm-events") == []
+    code, _, answer = post(url, json.dumps({"events": [EVENT]}).encode())
+    assert code == 200 and answer["accepted"] == 1
+
+
+def test_storage_killed_during_ingest_loses_no_acknowledged_event(collector):
+    """Clients see 503s while storage restarts; whatever was acknowledged is in the log once."""
+    import os
+    import signal
+    import threading
+
+    acked: list[str] = []
+    refused = 0
+    stop = threading.Event()
+
+    def client() -> None:
+        nonlocal refused
+        batch = 0
+        while not stop.is_set():
+            ids = [f"b{batch}-{i}" for i in range(50)]
+            batch += 1
+            code, _, answer = post(collector.url + "/v1/events", json.dumps(
+                {"events": [dict(EVENT, event_id=i) for i in ids]}).encode())
+            if code == 200:
+                assert answer["accepted"] == len(ids)
+                acked.extend(ids)
+            else:
+                assert code == 503, (code, answer)
+                refused += 1
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        wait_until(lambda: len(acked) >= 1000, 30)
+        old = collector.services()["storage"]["pid"]
+        os.kill(old, signal.SIGKILL)
+        collector.wait_service("storage", lambda x: x["state"] == "ready" and x["pid"] != old,
+                               20)
+        before = len(acked)
+        wait_until(lambda: len(acked) >= before + 1000, 30)
+    finally:
+        stop.set()
+        thread.join(60)
+    stored = [decode_event(p).event_id for p in read_log(collector.runtime, "llm-events")]
+    assert len(stored) == len(set(stored)), "an event was appended twice"
+    assert not set(acked) - set(stored), "acknowledged events are missing"
     assert collector.services()["collector"]["restarts"] == 0

@@ -13,14 +13,11 @@ from aiohttp import web
 
 from ipc.config import CollectorSection, split_listen
 from ipc.prices import price_table_from_config
-from workers.collector.json_ingest import post_events
+from workers.collector.json_ingest import post_events, post_feedback
 from workers.collector.pipeline import IngestPipeline
 from workers.eventlog import open_producer
 from workers.runtime import Worker
 from workers.storage_client import StorageClient
-
-MAX_BODY_BYTES = 16 << 20   # a request larger than this is answered 413
-MAX_IN_FLIGHT = 50_000      # events accepted and not yet durable, before 503s
 
 
 class CollectorWorker(Worker):
@@ -32,10 +29,11 @@ class CollectorWorker(Worker):
         self.producer = open_producer(self.context.config, self.context.runtime_dir)
         self.storage = StorageClient(self.context.runtime_dir)
         self.pipeline = IngestPipeline(self.producer, self.storage,
-                                       price_table_from_config(section), MAX_IN_FLIGHT)
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+                                       price_table_from_config(section), section.max_in_flight)
+        app = web.Application(client_max_size=int(section.max_body_mb * (1 << 20)))
         app["pipeline"] = self.pipeline
         app.router.add_post("/v1/events", post_events)
+        app.router.add_post("/v1/feedback", post_feedback)
         app.router.add_get("/health", self.health_handler)
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self.runner.setup()

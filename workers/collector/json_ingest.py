@@ -13,11 +13,13 @@ from typing import Any
 
 from aiohttp import web
 
-from ipc.events import EventRejected, parse_json_event
+from ipc.events import EventRejected, encode_feedback, parse_feedback, parse_json_event
+from ipc.storage import StorageFailure
 from workers.collector.pipeline import IngestPipeline, NotDurable, Overloaded
 
 MAX_EVENTS_PER_REQUEST = 10_000
 SOURCE = "json"
+FEEDBACK_LOG = "llm-feedback"  # read by the processor, which joins scores to their events
 
 
 def problem(status: int, title: str, detail: str, **extra: Any) -> web.Response:
@@ -49,23 +51,29 @@ async def read_json(request: web.Request) -> Any | web.Response:
         return problem(400, "Bad Request", f"the body is not JSON: {exc}")
 
 
-async def post_events(request: web.Request) -> web.Response:
-    started = time.monotonic()
-    pipeline: IngestPipeline = request.app["pipeline"]
+async def batch_of(request: web.Request, key: str) -> list | web.Response:
+    """The list under ``key`` of a ``{key: [...]}`` body, or the problem answer instead."""
     body = await read_json(request)
     if isinstance(body, web.Response):
         return body
-    if not isinstance(body, dict) or not isinstance(body.get("events"), list):
-        return problem(400, "Bad Request", 'expected an object {"events": [...]}',
-                       path="events")
-    unknown = sorted(set(body) - {"events"})
+    if not isinstance(body, dict) or not isinstance(body.get(key), list):
+        return problem(400, "Bad Request", f'expected an object {{"{key}": [...]}}', path=key)
+    unknown = sorted(set(body) - {key})
     if unknown:
         return problem(400, "Bad Request", f"unknown key {unknown[0]!r} in the body",
                        path=unknown[0])
-    items = body["events"]
-    if len(items) > MAX_EVENTS_PER_REQUEST:
-        return problem(413, "Content Too Large",
-                       f"{len(items)} events in one request; at most {MAX_EVENTS_PER_REQUEST}")
+    if len(body[key]) > MAX_EVENTS_PER_REQUEST:
+        return problem(413, "Content Too Large", f"{len(body[key])} {key} items in one "
+                       f"request; at most {MAX_EVENTS_PER_REQUEST}")
+    return body[key]
+
+
+async def post_events(request: web.Request) -> web.Response:
+    started = time.monotonic()
+    pipeline: IngestPipeline = request.app["pipeline"]
+    items = await batch_of(request, "events")
+    if isinstance(items, web.Response):
+        return items
     accepted, rejected, dead = [], [], []
     for index, item in enumerate(items):
         try:
@@ -78,4 +86,25 @@ async def post_events(request: web.Request) -> web.Response:
     except (Overloaded, NotDurable) as exc:
         return unavailable(exc)
     await pipeline.dead_letter(SOURCE, dead)
+    return web.json_response({"accepted": len(accepted), "rejected": rejected})
+
+
+async def post_feedback(request: web.Request) -> web.Response:
+    """Quality scores for earlier events: kept durably for the processor to join."""
+    pipeline: IngestPipeline = request.app["pipeline"]
+    items = await batch_of(request, "feedback")
+    if isinstance(items, web.Response):
+        return items
+    received = time.time_ns()
+    accepted, rejected = [], []
+    for index, item in enumerate(items):
+        try:
+            accepted.append(encode_feedback(parse_feedback(item, index, received)))
+        except EventRejected as exc:
+            rejected.append({"index": index, "path": exc.path, "reason": exc.reason})
+    if accepted:
+        try:
+            await pipeline.storage.append(FEEDBACK_LOG, accepted)
+        except StorageFailure as exc:
+            return unavailable(NotDurable(str(exc)))
     return web.json_response({"accepted": len(accepted), "rejected": rejected})
