@@ -130,6 +130,34 @@ class PriceOverride(Struct, kw_only=True, forbid_unknown_fields=True):
         "USD per cached input token; unset: the price file's, else the input price.")] = None
 
 
+KafkaOptionValue = str | int | float | bool
+
+
+class KafkaIngestSection(Struct, kw_only=True, forbid_unknown_fields=True):
+    """[collector.kafka]: LLM events consumed from a Kafka topic, one event per record."""
+
+    enabled: Annotated[bool, doc("Consume LLM events from the Kafka topic below.")] = False
+    bootstrap_servers: Annotated[str, doc(
+        "Kafka bootstrap servers, host:port[,host:port...].")] = "127.0.0.1:9092"
+    topic: Annotated[str, doc(
+        "Topic of the events: one event per record, in the JSON shape of POST /v1/events "
+        "(or msgpack of the same).", pattern=r"^[A-Za-z0-9_.\-]{1,249}$")] = "llm-calls"
+    group_id: Annotated[str, doc(
+        "Consumer group; a new group starts at the topic's earliest offset.",
+        min_length=1)] = "llm-optimizer-collector"
+    dead_letter_topic: Annotated[str, doc(
+        "Malformed records go here, with their original bytes and the reason and source "
+        "topic/partition/offset in headers.", pattern=r"^[A-Za-z0-9_.\-]{1,249}$")] = \
+        "llm-calls.dead-letters"
+    value_format: Annotated[Literal["auto", "json", "msgpack"], doc(
+        "Encoding of record values; auto: JSON or msgpack, told apart by the first byte.")] = \
+        "auto"
+    client_options: Annotated[dict[str, KafkaOptionValue], doc(
+        "Extra librdkafka options for the consumer and the dead-letter producer (e.g. "
+        "security.protocol, sasl.mechanism, ssl.ca.location); secrets through the "
+        "environment.")] = field(default_factory=dict)
+
+
 class CollectorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
     entrypoint: str = "workers.collector:CollectorWorker"
     depends_on: list[str] = field(default_factory=lambda: ["storage"])
@@ -152,6 +180,9 @@ class CollectorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True)
         "Per-model prices taking precedence over both files, USD per token, e.g. "
         "prices = { \"gpt-4o\" = { input = 2.5e-6, output = 1e-5, cached_input = 1.25e-6 } }."
     )] = field(default_factory=dict)
+    kafka: Annotated[KafkaIngestSection, doc(
+        "Kafka ingest: a consumer group on a topic of events.")] = \
+        field(default_factory=KafkaIngestSection)
 
 
 class ProcessorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):

@@ -49,16 +49,23 @@ def _render_section(name: str, section: msgspec.Struct) -> list[str]:
     docs = _field_docs(type(section))
     lines = [f"[{name}]"]
     inherited = []
+    tables = []  # nested sections, as [name.key] tables after this section's own keys
     for key in section.__struct_fields__:
         value = getattr(section, key)
         if value is None:  # TOML has no null: an unset override is left out
             inherited.append(key)
+            continue
+        if isinstance(value, msgspec.Struct):
+            tables.append(([f"# {docs[key]}"] if docs.get(key) else [])
+                          + _render_section(f"{name}.{key}", value))
             continue
         if docs.get(key):
             lines.append(f"# {docs[key]}")
         lines.append(_render_key(key, value))
     if inherited:
         lines.append("# Unset here, so taken from [supervisor]: " + ", ".join(inherited))
+    for table in tables:
+        lines += ["", *table]
     return lines
 
 
