@@ -2,8 +2,10 @@
 
 Ingest paths validate what arrives, append the valid events to the event log and acknowledge
 their clients only once the events are durable; rejected inputs are answered with the field at
-fault and kept in the dead-letter log. For now: JSON batches on ``POST /v1/events``.
-OTLP/HTTP and OTLP/gRPC, feedback and the Kafka consumer come next (issue 4).
+fault and kept in the dead-letter log. For now: JSON batches on ``POST /v1/events``, OTLP/HTTP
+traces on ``POST /v1/traces`` and OTLP/gRPC on ``otlp_grpc_listen`` (spans with gen_ai.*
+attributes become events: ``otlp_mapping``), feedback on ``POST /v1/feedback``. The Kafka
+consumer comes next (issue 4).
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from aiohttp import web
 
 from ipc.config import CollectorSection, split_listen
 from ipc.prices import price_table_from_config
+from workers.collector import otlp_grpc
 from workers.collector.json_ingest import post_events, post_feedback
+from workers.collector.otlp_http import post_traces
 from workers.collector.pipeline import IngestPipeline
 from workers.eventlog import open_producer
 from workers.runtime import Worker
@@ -22,6 +26,7 @@ from workers.storage_client import StorageClient
 
 class CollectorWorker(Worker):
     runner: web.AppRunner | None = None
+    grpc_server: Any = None
 
     async def start(self) -> None:
         section = self.context.section
@@ -30,21 +35,29 @@ class CollectorWorker(Worker):
         self.storage = StorageClient(self.context.runtime_dir)
         self.pipeline = IngestPipeline(self.producer, self.storage,
                                        price_table_from_config(section), section.max_in_flight)
-        app = web.Application(client_max_size=int(section.max_body_mb * (1 << 20)))
+        max_body = int(section.max_body_mb * (1 << 20))
+        app = web.Application(client_max_size=max_body)
         app["pipeline"] = self.pipeline
         app.router.add_post("/v1/events", post_events)
+        app.router.add_post("/v1/traces", post_traces)
         app.router.add_post("/v1/feedback", post_feedback)
         app.router.add_get("/health", self.health_handler)
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self.runner.setup()
         host, port = split_listen(section.listen)
         await web.TCPSite(self.runner, host, port, reuse_port=section.processes > 1).start()
-        self.log.info("collector on http://%s", section.listen)
+        self.grpc_server = await otlp_grpc.start_server(
+            section.otlp_grpc_listen, self.pipeline, section.processes, max_body)
+        self.log.info("collector on http://%s, OTLP/gRPC on %s", section.listen,
+                      section.otlp_grpc_listen)
 
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()  # in-flight requests finish: their appends complete
             self.runner = None
+        if self.grpc_server is not None:
+            await otlp_grpc.stop_server(self.grpc_server)
+            self.grpc_server = None
         await self.producer.close()
         await self.storage.close()
 
