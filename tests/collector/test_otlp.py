@@ -278,3 +278,27 @@ def test_bad_bodies_get_problem_details(collector, body, content_type, encoding,
     assert answer_headers["Content-Type"].startswith("application/problem+json")
     assert json.loads(answer)["status"] == status
     assert collector.services()["collector"]["restarts"] == 0
+
+
+def test_overloaded_collector_asks_exporters_to_retry(make_daemon):
+    import grpc
+    from google.rpc import error_details_pb2, status_pb2
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+    d = make_daemon(builtins=["storage", "collector"],
+                    extra={"collector": {"max_in_flight": 1}}).start()
+    spans = make_spans([("chat", SEMCONV_136, 0.1), ("chat", SEMCONV_137, 0.1)])
+    body = encode_spans(spans)   # two events: never fit in a max_in_flight of 1
+    code, headers, _ = post(f"http://{d.doc['collector']['listen']}/v1/traces", body,
+                                 "application/x-protobuf")
+    assert code == 503 and int(headers["Retry-After"]) >= 1
+    with grpc.insecure_channel(d.doc["collector"]["otlp_grpc_listen"]) as channel:
+        stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Export(ExportTraceServiceRequest.FromString(body), timeout=10)
+    error = caught.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = dict(error.trailing_metadata())["grpc-status-details-bin"]
+    retry = error_details_pb2.RetryInfo()
+    assert status_pb2.Status.FromString(details).details[0].Unpack(retry)
+    assert retry.retry_delay.seconds >= 1
+    assert read_log(d.runtime, "llm-events") == []
