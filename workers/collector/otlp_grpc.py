@@ -70,7 +70,11 @@ async def start_server(listen: str, pipeline: IngestPipeline, processes: int,
                ("grpc.max_receive_message_length", max_message_bytes)]
     server = grpc.aio.server(options=options)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(pipeline), server)
-    if server.add_insecure_port(listen) == 0:
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as exc:  # newer grpcio raises instead of returning 0
+        raise OSError(f"cannot bind OTLP/gRPC on {listen}: {exc}") from None
+    if port == 0:
         raise OSError(f"cannot bind OTLP/gRPC on {listen}")
     await server.start()
     return server
