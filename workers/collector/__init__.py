@@ -4,8 +4,9 @@ Ingest paths validate what arrives, append the valid events to the event log and
 their clients only once the events are durable; rejected inputs are answered with the field at
 fault and kept in the dead-letter log. For now: JSON batches on ``POST /v1/events``, OTLP/HTTP
 traces on ``POST /v1/traces`` and OTLP/gRPC on ``otlp_grpc_listen`` (spans with gen_ai.*
-attributes become events: ``otlp_mapping``), feedback on ``POST /v1/feedback``. The Kafka
-consumer comes next (issue 4).
+attributes become events: ``otlp_mapping``), feedback on ``POST /v1/feedback``, and records of
+a Kafka topic with ``[collector.kafka] enabled`` (``kafka_ingest``: offsets committed once the
+events are durable, malformed records to a dead-letter topic, paused partitions as backpressure).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ipc.config import CollectorSection, split_listen
 from ipc.prices import price_table_from_config
 from workers.collector import otlp_grpc
 from workers.collector.json_ingest import post_events, post_feedback
+from workers.collector.kafka_ingest import KafkaIngest
 from workers.collector.otlp_http import post_traces
 from workers.collector.pipeline import IngestPipeline
 from workers.eventlog import open_producer
@@ -26,6 +28,7 @@ from workers.storage_client import StorageClient
 
 class CollectorWorker(Worker):
     runner: web.AppRunner | None = None
+    kafka: KafkaIngest | None = None
     grpc_server: Any = None
 
     async def start(self) -> None:
@@ -42,6 +45,9 @@ class CollectorWorker(Worker):
         app.router.add_post("/v1/traces", post_traces)
         app.router.add_post("/v1/feedback", post_feedback)
         app.router.add_get("/health", self.health_handler)
+        if section.kafka.enabled:
+            self.kafka = KafkaIngest(section.kafka, self.pipeline)
+            await self.kafka.start()
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self.runner.setup()
         host, port = split_listen(section.listen)
@@ -52,6 +58,9 @@ class CollectorWorker(Worker):
                       section.otlp_grpc_listen)
 
     async def stop(self) -> None:
+        if self.kafka is not None:
+            await self.kafka.stop()  # the batch in hand is appended and committed first
+            self.kafka = None
         if self.runner is not None:
             await self.runner.cleanup()  # in-flight requests finish: their appends complete
             self.runner = None
@@ -65,4 +74,5 @@ class CollectorWorker(Worker):
         return web.json_response({"status": "ok", "service": "collector"})
 
     def status(self) -> dict[str, Any]:
-        return {"listen": self.context.section.listen, "in_flight": self.pipeline.in_flight}
+        return {"listen": self.context.section.listen, "in_flight": self.pipeline.in_flight,
+                **({"kafka": self.kafka.status()} if self.kafka is not None else {})}

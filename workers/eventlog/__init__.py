@@ -22,6 +22,7 @@ class ConsumedRecord(Struct, frozen=True):
     offset: int
     timestamp_ms: int
     payload: bytes
+    key: bytes | None = None  # the Kafka record's key, if any
 
 
 class EventLogError(Exception):

@@ -73,17 +73,20 @@ ERROR_LOG_INTERVAL = 30.0  # seconds between two warnings about the same recurri
 
 
 def _merge(defaults: dict[str, Any], fixed: dict[str, tuple[Any, set[str]]],
-           extra: dict[str, str]) -> dict[str, Any]:
+           extra: dict[str, Any], where: str = "[event_log] kafka_client_options"
+           ) -> dict[str, Any]:
+    """``defaults`` updated with ``extra`` (the options of the config key ``where``), which may
+    neither set RESERVED keys nor change the ``fixed`` ones."""
     conf = dict(defaults)
     for key, value in extra.items():
         if key in RESERVED:
             raise EventLogError(
-                f"[event_log] kafka_client_options may not set {key!r}: it is set by the event "
-                f"log itself (kafka_bootstrap, the consumer group or its callbacks)")
+                f"{where} may not set {key!r}: it is set from other keys (the bootstrap "
+                f"servers, the consumer group) or by the client itself (its callbacks)")
         if key in fixed and str(value).strip().lower() not in fixed[key][1]:
             raise EventLogError(
-                f"[event_log] kafka_client_options sets {key}={value!r}, but the event log "
-                f"needs {key}={fixed[key][0]!r} for its delivery guarantees")
+                f"{where} sets {key}={value!r}, but {fixed[key][0]!r} is needed for the "
+                f"delivery guarantees")
         conf[key] = value
     for key, (value, _) in fixed.items():
         if key != "request.required.acks":
@@ -233,10 +236,16 @@ class _PollingClient:
         return left
 
 
+# A record for append_records: (key, value, headers).
+Record = tuple[bytes | None, bytes, Sequence[tuple[str, bytes]] | None]
+
+
 class KafkaProducer(Producer):
-    def __init__(self, section: EventLogSection):
+    def __init__(self, section: EventLogSection, conf: dict[str, Any] | None = None):
+        """A producer to the topic ``section.log``; ``conf``: its librdkafka configuration,
+        by default producer_config(section)."""
         self.topic = section.log
-        self.conf = producer_config(section)
+        self.conf = producer_config(section) if conf is None else conf
         self._errors = _ErrorLog(f"Kafka producer for topic {self.topic}")
         self._client = _PollingClient(self.conf, self._errors)
         self._pending: set[_Batch] = set()
@@ -246,9 +255,13 @@ class KafkaProducer(Producer):
         self._report_timeout = int(timeout_ms) / 1000.0 + 10.0
 
     async def append(self, payloads: Sequence[bytes], key: bytes | None = None) -> None:
+        await self.append_records([(key, payload, None) for payload in payloads])
+
+    async def append_records(self, records: Sequence[Record]) -> None:
+        """Like ``append``, for records with their own key and headers each."""
         if self._closed:
             raise EventLogError(f"append to Kafka topic {self.topic}: the producer is closed")
-        if not payloads:
+        if not records:
             return
         if self._client.fatal is not None:
             await self._replace_client()
@@ -256,8 +269,8 @@ class KafkaProducer(Producer):
         batch = _Batch(asyncio.get_running_loop())
         self._pending.add(batch)
         try:
-            for n, payload in enumerate(payloads, 1):
-                await self._produce(client, batch, payload, key)
+            for n, (key, payload, headers) in enumerate(records, 1):
+                await self._produce(client, batch, payload, key, headers)
                 if n % 1000 == 0:
                     await asyncio.sleep(0)  # let other tasks run during a large batch
             batch.seal()
@@ -274,13 +287,15 @@ class KafkaProducer(Producer):
                 batch.future.cancel()  # late reports are then ignored
 
     async def _produce(self, client: _PollingClient, batch: _Batch, payload: bytes,
-                       key: bytes | None) -> None:
+                       key: bytes | None,
+                       headers: Sequence[tuple[str, bytes]] | None = None) -> None:
         deadline = None
         while True:
             with batch.lock:
                 batch.produced += 1
             try:
                 client.producer.produce(self.topic, value=payload, key=key,
+                                        headers=list(headers) if headers else None,
                                         on_delivery=batch.on_delivery)
                 return
             except BufferError:
@@ -328,13 +343,17 @@ _PERMANENT = {KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZAT
 
 
 class KafkaConsumer(Consumer):
-    def __init__(self, section: EventLogSection, group: str):
+    def __init__(self, section: EventLogSection, group: str,
+                 conf: dict[str, Any] | None = None):
+        """A member of ``group`` on the topic ``section.log``; ``conf``: its librdkafka
+        configuration, by default consumer_config(section, group)."""
         self.topic, self.group = section.log, group
         self._errors = _ErrorLog(f"Kafka consumer of topic {self.topic} (group {group})")
         self._fatal: str | None = None
+        conf = consumer_config(section, group) if conf is None else conf
         try:
             self._consumer = confluent_kafka.Consumer(
-                {**consumer_config(section, group), "error_cb": self._error, "logger": log})
+                {**conf, "error_cb": self._error, "logger": log})
         except (KafkaException, ValueError, TypeError) as exc:
             raise EventLogError(f"invalid Kafka consumer configuration: {exc}") from exc
         self._lock = threading.Lock()  # guards _assigned: rebalances run in librdkafka calls
@@ -409,7 +428,7 @@ class KafkaConsumer(Consumer):
                     records.append(ConsumedRecord(
                         msg.partition(), msg.offset(),
                         ts if kind != confluent_kafka.TIMESTAMP_NOT_AVAILABLE and ts >= 0 else 0,
-                        msg.value() or b""))
+                        msg.value() or b"", msg.key()))
                 elif err.code() == KafkaError._PARTITION_EOF:
                     continue
                 elif err.fatal() or err.code() in _PERMANENT:
@@ -459,6 +478,38 @@ class KafkaConsumer(Consumer):
         if problem or self._fatal:
             raise EventLogError(f"read of Kafka topic {self.topic} (group {self.group}) "
                                 f"failed: {problem or self._fatal}")
+
+    # -- flow control --
+
+    def pause(self) -> frozenset[int]:
+        """Stop fetching from every assigned partition; returns them. Records already returned
+        by ``poll`` stay the caller's (and any in this consumer's buffer come with the next
+        polls); after ``resume`` fetching goes on after the last record returned. Partitions
+        assigned later are not paused. Call it between polls (not during one)."""
+        self._check_open()
+        with self._lock:
+            partitions = frozenset(self._assigned)
+        self._flow(self._consumer.pause, partitions, "pause")
+        return partitions
+
+    def resume(self) -> None:
+        """Fetch again from every assigned partition (paused or not)."""
+        self._check_open()
+        with self._lock:
+            partitions = frozenset(self._assigned)
+        self._flow(self._consumer.resume, partitions, "resume")
+
+    def _flow(self, call: Callable[[list[TopicPartition]], None], partitions: frozenset[int],
+              what: str) -> None:
+        if not partitions:
+            return
+        try:
+            call([TopicPartition(self.topic, p) for p in sorted(partitions)])
+        except (KafkaException, RuntimeError) as exc:
+            reason = _reason(exc.args[0]) if isinstance(exc, KafkaException) and exc.args \
+                else str(exc)
+            raise EventLogError(f"{what} of Kafka topic {self.topic} (group {self.group}) "
+                                f"failed: {reason}") from exc
 
     # -- committing --
 
