@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import time
+from datetime import UTC, datetime
 
 import confluent_kafka
 import msgspec
@@ -21,8 +22,14 @@ from ipc.config import KafkaIngestSection
 from ipc.events import LLMEvent, decode_event
 from tests.conftest import http_get, stays_true, wait_until
 from tests.storage.kafka_support import MockCluster
-from workers.collector.kafka_ingest import KafkaIngest, parse_record
+from workers.collector.kafka_ingest import (
+    KafkaIngest,
+    consumer_conf,
+    parse_record,
+    producer_conf,
+)
 from workers.collector.pipeline import NotDurable, Overloaded
+from workers.eventlog import EventLogError
 from workers.storage_client import SyncStorageClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -116,6 +123,9 @@ def read_events(runtime: str) -> list[LLMEvent]:
 def test_record_values_are_parsed_like_post_events():
     assert parse_record(json.dumps(event("a")).encode(), "auto").event_id == "a"
     assert parse_record(msgspec.msgpack.encode(event("b")), "auto").event_id == "b"
+    stamped = parse_record(msgspec.msgpack.encode(event(
+        "t", time=datetime(2026, 11, 25, 10, 0, 0, 123456, tzinfo=UTC))), "auto")
+    assert stamped.time_ns == 1795600800_123456000
     assert parse_record(b'  {"event_id": "c", ' + json.dumps(EVENT).encode()[1:],
                         "json").event_id == "c"
     for value, fmt, path, reason in [
@@ -131,6 +141,28 @@ def test_record_values_are_parsed_like_post_events():
         with pytest.raises(Exception, match=reason) as info:
             parse_record(value, fmt)
         assert info.value.path == path
+
+
+def test_client_options_pass_through_and_guarantees_are_kept():
+    section = KafkaIngestSection(enabled=True, bootstrap_servers="k1:9093,k2:9093",
+                                 group_id="g", client_options={
+                                     "security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN",
+                                     "sasl.username": "u", "ssl.ca.location": "/etc/ca.pem",
+                                     "fetch.max.bytes": 1048576})
+    for conf in (consumer_conf(section), producer_conf(section)):
+        assert conf["bootstrap.servers"] == "k1:9093,k2:9093"
+        assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.username"] == "u"
+    conf = consumer_conf(section)
+    assert conf["group.id"] == "g" and conf["auto.offset.reset"] == "earliest"
+    assert conf["enable.auto.commit"] is False and conf["fetch.max.bytes"] == 1048576
+    assert producer_conf(section)["enable.idempotence"] is True
+    for bad in ({"auto.offset.reset": "latest"}, {"enable.auto.commit": True},
+                {"group.id": "other"}, {"bootstrap.servers": "x:1"}):
+        with pytest.raises(EventLogError, match=r"\[collector.kafka\] client_options.*"
+                           + next(iter(bad)).replace(".", r"\.")):
+            consumer_conf(KafkaIngestSection(client_options=bad))
+    with pytest.raises(EventLogError, match="acks"):
+        producer_conf(KafkaIngestSection(client_options={"acks": "1"}))
 
 
 def test_kafka_records_are_ingested_and_malformed_ones_dead_lettered(cluster, names,

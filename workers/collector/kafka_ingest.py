@@ -28,6 +28,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -101,9 +102,13 @@ def decode_value(value: bytes, value_format: str) -> Any:
         fmt = "msgpack" if first and first[0] in _MSGPACK_MAP else "json"
     if fmt == "msgpack":
         try:
-            return msgspec.msgpack.decode(value)
+            obj = msgspec.msgpack.decode(value)
         except msgspec.DecodeError as exc:
             raise Malformed("value", f"not msgpack: {exc}") from None
+        if isinstance(obj, dict) and isinstance(obj.get("time"), datetime) \
+                and obj["time"].tzinfo is not None:
+            obj["time"] = obj["time"].isoformat()  # the msgpack timestamp type (microseconds)
+        return obj
     try:
         return json.loads(value)
     except (ValueError, UnicodeDecodeError) as exc:
