@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
+import signal
 import time
 from datetime import UTC, datetime
 
@@ -327,3 +329,57 @@ def test_uncommitted_records_are_read_again_by_the_next_member(cluster, names):
             await second.stop()
         assert await asyncio.to_thread(all_committed, cluster.bootstrap, group, topic)
     asyncio.run(asyncio.wait_for(main(), 50))
+
+
+def test_a_stalled_event_log_pauses_and_a_killed_collector_loses_nothing(cluster, names,
+                                                                        make_daemon):
+    """SIGSTOP the storage worker: appends time out (NotDurable), so the consumer pauses and
+    holds its records without committing them; after SIGCONT they go through. Then SIGKILL the
+    collector worker: its uncommitted records go to its successor. Every record ends up in the
+    event log and the group's offsets cover them all."""
+    topic, dead_topic, group = names
+    d = make_daemon(builtins=["storage", "collector"], extra={
+        "storage": {"heartbeat_timeout": 60.0},  # stopped, it is not restarted
+        "collector": {"kafka": {
+            "enabled": True, "bootstrap_servers": cluster.bootstrap, "topic": topic,
+            "group_id": group, "dead_letter_topic": dead_topic, "client_options": FAST_GROUP}}})
+    d.start()
+    wanted: set[str] = set()
+
+    def send(prefix: str, count: int) -> None:
+        ids = [f"{prefix}-{i}" for i in range(count)]
+        produce(cluster.bootstrap, topic, [(i.encode(), json.dumps(event(i)).encode())
+                                           for i in ids])
+        wanted.update(ids)
+
+    def all_stored() -> bool:
+        return wanted <= {e.event_id for e in read_events(d.runtime)}
+
+    def kafka_status() -> dict:
+        reply = d.request("call", {"service": "collector", "command": "info", "args": {}})
+        assert reply.ok, reply
+        return reply.result["status"]["kafka"]
+
+    send("a", 40)
+    wait_until(all_stored, DEADLINE)
+    storage = d.services()["storage"]["pid"]
+    os.kill(storage, signal.SIGSTOP)
+    try:
+        send("b", 40)
+        status = wait_until(lambda: (k := kafka_status())["paused"] and k, DEADLINE,
+                            message=lambda: repr(kafka_status()))
+        assert status["pending"] > 0 and status["last_error"], status
+        assert not all_committed(cluster.bootstrap, group, topic)
+    finally:
+        os.kill(storage, signal.SIGCONT)
+    wait_until(all_stored, DEADLINE)
+    wait_until(lambda: not kafka_status()["paused"], DEADLINE)
+
+    old = d.services()["collector"]["pid"]
+    os.kill(old, signal.SIGKILL)
+    send("c", 40)
+    d.wait_service("collector", lambda x: x["state"] == "ready" and x["pid"] != old, 20)
+    wait_until(all_stored, DEADLINE)
+    wait_until(lambda: all_committed(cluster.bootstrap, group, topic), DEADLINE,
+               message=lambda: repr(committed_and_ends(cluster.bootstrap, group, topic)))
+    assert d.services()["storage"]["pid"] == storage
