@@ -229,6 +229,8 @@ def test_kafka_records_are_ingested_and_malformed_ones_dead_lettered(cluster, na
 class FlakyPipeline:
     """Refuses (Overloaded, then NotDurable) while ``refuse`` is set; keeps what it takes."""
 
+    max_in_flight = 7  # smaller than a poll's batch: the ingest submits in chunks
+
     def __init__(self):
         self.refuse = True
         self.refusals = 0
@@ -237,6 +239,7 @@ class FlakyPipeline:
     async def submit(self, source, events, started):
         if not events:
             return
+        assert len(events) <= self.max_in_flight
         if self.refuse:
             self.refusals += 1
             raise Overloaded(0.2) if self.refusals < 3 else NotDurable("log down")

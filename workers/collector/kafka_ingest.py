@@ -270,9 +270,13 @@ class KafkaIngest:
         Overloaded or NotDurable if not (items done so far stay done)."""
         started = time.monotonic()
         events = [i for i in items if i.event is not None and not i.done]
-        await self.pipeline.submit(SOURCE, [i.event for i in events], started)
-        for item in events:
-            item.done = True
+        # In chunks the pipeline can take at all (a batch over max_in_flight never fits).
+        size = max(1, min(MAX_RECORDS, self.pipeline.max_in_flight))
+        for n in range(0, len(events), size):
+            chunk = events[n:n + size]
+            await self.pipeline.submit(SOURCE, [i.event for i in chunk], started)
+            for item in chunk:
+                item.done = True
         bad = [i for i in items if i.event is None and not i.done]
         if not bad:
             return
@@ -307,6 +311,8 @@ class KafkaIngest:
     async def _commit(self) -> None:
         """Commit every partition's highest durable offset (never moving one back)."""
         assigned = self.consumer.assigned_partitions
+        # A partition this member lost may be committed further by others meanwhile.
+        self.committed = {p: o for p, o in self.committed.items() if p in assigned}
         todo = {p: o for p, o in self.uncommitted.items()
                 if p in assigned and o + 1 > self.committed.get(p, -1)}
         self.uncommitted = {p: o for p, o in self.uncommitted.items() if p in todo}
