@@ -14,7 +14,8 @@ runs librdkafka in a worker thread and returns as soon as a record arrived (or a
 ``timeout``). Rebalances: a revoke commits nothing (whatever was not committed is re-delivered to
 the partition's next owner; the processor drops duplicates by event id) and drops the revoked
 partitions from the local assignment, so that records of partitions this consumer no longer owns
-are not committed by it.
+are not committed by it. ``pause``/``resume`` stop and restart fetching (backpressure: the
+records already returned stay the caller's, and fetching resumes after the last of them).
 
 ``[event_log] kafka_client_options`` are merged into both clients' librdkafka configuration; they
 may tune anything except the settings the guarantees above rest on.
