@@ -15,7 +15,7 @@ from aiohttp import web
 
 from ipc.events import EventRejected, encode_feedback, parse_feedback, parse_json_event
 from ipc.storage import StorageFailure
-from workers.collector.pipeline import IngestPipeline, NotDurable, Overloaded
+from workers.collector.pipeline import IngestPipeline, NotDurable, Refused
 
 MAX_EVENTS_PER_REQUEST = 10_000
 SOURCE = "json"
@@ -30,9 +30,9 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> web.Response:
                              headers=headers)
 
 
-def unavailable(exc: Overloaded | NotDurable) -> web.Response:
-    retry_after = exc.retry_after if isinstance(exc, Overloaded) else 1.0
-    return problem(503, "Service Unavailable", str(exc), retry_after=max(1, round(retry_after)))
+def unavailable(exc: Refused) -> web.Response:
+    return problem(503, "Service Unavailable", str(exc),
+                   retry_after=max(1, round(exc.retry_after)))
 
 
 async def read_json(request: web.Request) -> Any | web.Response:
@@ -83,7 +83,7 @@ async def post_events(request: web.Request) -> web.Response:
             dead.append((item, exc.path, exc.reason))
     try:
         await pipeline.submit(SOURCE, accepted, started)
-    except (Overloaded, NotDurable) as exc:
+    except Refused as exc:
         return unavailable(exc)
     await pipeline.dead_letter(SOURCE, dead)
     return web.json_response({"accepted": len(accepted), "rejected": rejected})

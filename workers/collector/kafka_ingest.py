@@ -40,7 +40,7 @@ from workers.collector.pipeline import (
     REJECTED,
     IngestPipeline,
     NotDurable,
-    Overloaded,
+    Refused,
     rejection_label,
 )
 from workers.eventlog import ConsumedRecord, EventLogError
@@ -241,7 +241,7 @@ class KafkaIngest:
         self.pending = [i for i in self.pending if i.record.partition in assigned]
         try:
             await self._ingest(self.pending)
-        except (Overloaded, NotDurable) as exc:
+        except Refused as exc:
             self._back_off(exc)
             return
         done, self.pending = self.pending, []
@@ -297,8 +297,8 @@ class KafkaIngest:
         DEAD_LETTERS.labels(SOURCE).inc(len(bad))
         self.dead_lettered += len(bad)
 
-    def _back_off(self, exc: Overloaded | NotDurable) -> None:
-        floor = exc.retry_after if isinstance(exc, Overloaded) else RETRY_MIN
+    def _back_off(self, exc: Refused) -> None:
+        floor = max(exc.retry_after, RETRY_MIN)
         self.retry_delay = min(RETRY_MAX, max(floor, self.retry_delay * 2, RETRY_MIN))
         self.retry_at = time.monotonic() + self.retry_delay
         self.last_error = str(exc)

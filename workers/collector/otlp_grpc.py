@@ -58,7 +58,7 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
             message = f"events not durable: {exc}"
             await context.abort(grpc.StatusCode.UNAVAILABLE, message,
                                 trailing_metadata=_retry_trailer(code_pb2.UNAVAILABLE,
-                                                                 message, 1.0))
+                                                                 message, exc.retry_after))
         await self.pipeline.dead_letter(SOURCE, mapped.rejected)
         return mapped.response()
 

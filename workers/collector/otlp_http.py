@@ -28,7 +28,7 @@ from workers.collector.otlp_mapping import (
     map_request,
     response_json,
 )
-from workers.collector.pipeline import IngestPipeline, NotDurable, Overloaded
+from workers.collector.pipeline import IngestPipeline, Refused
 
 SOURCE = "otlp_http"
 PROTOBUF_TYPES = ("application/x-protobuf", "application/protobuf")
@@ -65,7 +65,7 @@ async def post_traces(request: web.Request) -> web.Response:
         IGNORED_SPANS.labels(SOURCE).inc(mapped.ignored)
     try:
         await pipeline.submit(SOURCE, mapped.events, started)
-    except (Overloaded, NotDurable) as exc:
+    except Refused as exc:
         return unavailable(exc)
     await pipeline.dead_letter(SOURCE, mapped.rejected)
     answer = mapped.response()

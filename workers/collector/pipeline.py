@@ -21,10 +21,13 @@ from ipc.events import ACCEPTED as EVENT_KEYS
 from ipc.events import LLMEvent, encode_event
 from ipc.prices import PriceTable
 from workers.eventlog import EventLogError, Producer
+from workers.resilience import CircuitBreaker, CircuitOpen
 from workers.storage_client import StorageClient
 
 log = logging.getLogger("workers.collector.pipeline")
 DEAD_LETTER_LOG = "collector.dead-letters"
+BREAKER_FAILURES = 3     # failed appends in a row that open the circuit
+BREAKER_RECOVERY = 2.0   # seconds before a trial append is let through
 
 ACCEPTED = Counter("collector_events_accepted", "Events written to the event log.", ["source"])
 REJECTED = Counter("collector_events_rejected", "Events refused, by reason.",
@@ -38,16 +41,23 @@ INGEST_SECONDS = Histogram("collector_ingest_seconds",
                            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5))
 
 
-class Overloaded(Exception):
-    """Too many events in flight: the caller should answer 503 with Retry-After."""
+class Refused(Exception):
+    """Nothing was acknowledged: the client should retry after ``retry_after`` seconds."""
 
-    def __init__(self, retry_after: float):
-        super().__init__(f"collector overloaded; retry after {retry_after:g} s")
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
         self.retry_after = retry_after
 
 
-class NotDurable(Exception):
-    """The event log did not take the events: the caller should answer 503, not acknowledge."""
+class Overloaded(Refused):
+    """Too many events in flight (503, RESOURCE_EXHAUSTED, a paused Kafka partition)."""
+
+    def __init__(self, retry_after: float):
+        super().__init__(f"collector overloaded; retry after {retry_after:g} s", retry_after)
+
+
+class NotDurable(Refused):
+    """The event log did not take the events (503, UNAVAILABLE): not acknowledged."""
 
 
 class IngestPipeline:
@@ -56,6 +66,11 @@ class IngestPipeline:
         self.producer, self.storage, self.prices = producer, storage, prices
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        # A failing event log is not waited on by every request: after a few failures in a row
+        # requests are refused at once until a trial append gets through.
+        self.breaker = CircuitBreaker("event-log", failure_threshold=BREAKER_FAILURES,
+                                      recovery_timeout=BREAKER_RECOVERY,
+                                      failure_types=(EventLogError,))
 
     async def submit(self, source: str, events: Sequence[LLMEvent], started: float) -> None:
         """Append ``events`` durably; raises Overloaded or NotDurable instead of acknowledging."""
@@ -66,9 +81,13 @@ class IngestPipeline:
         self.in_flight += len(events)
         IN_FLIGHT.inc(len(events))
         try:
-            # Cost from the price table where the event brought none.
-            await self.producer.append([encode_event(self.prices.with_cost(e))
-                                        for e in events])
+            async with self.breaker:
+                # Cost from the price table where the event brought none.
+                await self.producer.append([encode_event(self.prices.with_cost(e))
+                                            for e in events])
+        except CircuitOpen as exc:
+            raise NotDurable(f"the event log is failing; {exc}",
+                             retry_after=max(1.0, exc.retry_after)) from exc
         except EventLogError as exc:
             log.warning("append of %d %s events failed: %s", len(events), source, exc)
             raise NotDurable(str(exc)) from exc
