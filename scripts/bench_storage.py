@@ -33,6 +33,10 @@ from ipc import storage as s  # noqa: E402
 from workers.storage_client import SyncStorageClient  # noqa: E402
 
 RECORD = b"x" * 200  # about the size of one encoded LLM-call event
+# The console script next to the running interpreter (not a pyenv shim on PATH).
+OPTIMIZERD = os.path.join(os.path.dirname(sys.executable), "optimizerd")
+if not os.path.exists(OPTIMIZERD):
+    OPTIMIZERD = "optimizerd"
 
 
 def free_port() -> int:
@@ -42,16 +46,21 @@ def free_port() -> int:
 
 
 @contextmanager
-def daemon(storage: dict, env: dict[str, str] | None = None):
-    """optimizerd with the storage service alone, in a temp dir; killed at the end."""
-    workdir = Path(tempfile.mkdtemp(prefix="bench-storage-", dir="/tmp"))
+def daemon(storage: dict, env: dict[str, str] | None = None, sections: dict | None = None,
+           prefix: str = "bench-storage-"):
+    """optimizerd with the storage service alone, in a temp dir; killed at the end.
+
+    ``sections`` are further config sections, e.g. ``{"collector": {...}}`` to run the
+    collector too (every other built-in service is disabled)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     runtime = str(workdir / "run")
     doc = {"supervisor": {"runtime_dir": runtime, "data_dir": str(workdir / "data")},
            "admin": {"listen": f"127.0.0.1:{free_port()}"}, "storage": storage}
     for name in ("collector", "processor", "rest_api", "grpc_api", "integrations"):
         doc[name] = {"enabled": False}
+    doc.update(sections or {})
     (workdir / "optimizer.toml").write_text(tomli_w.dumps(doc))
-    proc = subprocess.Popen(["optimizerd", "start", "-c", str(workdir / "optimizer.toml")],
+    proc = subprocess.Popen([OPTIMIZERD, "start", "-c", str(workdir / "optimizer.toml")],
                             env=dict(os.environ, **(env or {})), stdout=subprocess.DEVNULL,
                             stderr=open(workdir / "daemon.log", "w"), start_new_session=True)
     try:
