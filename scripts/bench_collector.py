@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.bench_storage import daemon, free_port, percentile  # noqa: E402
+from scripts.bench_storage import daemon, free_port, percentile
 
 EVENT_LOG = "llm-events"
 JSON_MARK = b"@@@@@@@@@@@@"      # replaced per request: 12 ASCII characters
@@ -147,7 +147,7 @@ async def client_loop(kind: str, url: str, n_items: int, client_id: int, mode: s
                                     headers={"Content-Type": ctype}) as r:
                 answer = await r.read()
                 status = r.status
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             stats["failed"] += 1
             stats["errors"].append(repr(exc)[:200])
             return
