@@ -293,6 +293,57 @@ def test_a_refusing_pipeline_pauses_the_consumer_and_nothing_is_committed(cluste
     asyncio.run(asyncio.wait_for(main(), 50))
 
 
+class IntermittentPipeline:
+    """Takes every chunk but refuses every third submit (Overloaded): a backlog then goes
+    through many pause/resume rounds."""
+
+    max_in_flight = 300
+
+    def __init__(self):
+        self.submits = self.refusals = 0
+        self.events: list[LLMEvent] = []
+
+    async def submit(self, source, events, started):
+        self.submits += 1
+        if self.submits % 3 == 0:
+            self.refusals += 1
+            raise Overloaded(0.0)
+        self.events += events
+
+
+def test_a_backlog_is_read_whole_through_pauses_and_committed_to_the_end(cluster, names):
+    """Thousands of records produced before the group exists, many polls' worth: every record
+    reaches the pipeline (from offset 0 of every partition, none skipped), and the group ends
+    committed at each partition's end."""
+    topic, dead_topic, group = names
+    count = 6_000
+    produce(cluster.bootstrap, topic,
+            [(b"k%d" % i, json.dumps(event(f"c-{i}")).encode()) for i in range(count)])
+    section = KafkaIngestSection(enabled=True, bootstrap_servers=cluster.bootstrap, topic=topic,
+                                 group_id=group, dead_letter_topic=dead_topic,
+                                 client_options=FAST_GROUP)
+
+    async def main():
+        pipeline = IntermittentPipeline()
+        ingest = KafkaIngest(section, pipeline)
+        await ingest.start()
+        try:
+            end = time.monotonic() + DEADLINE
+            while len({e.event_id for e in pipeline.events}) < count:
+                assert time.monotonic() < end, \
+                    f"{len({e.event_id for e in pipeline.events})} of {count} events"
+                await asyncio.sleep(0.05)
+            end = time.monotonic() + 10
+            while not await asyncio.to_thread(all_committed, cluster.bootstrap, group, topic):
+                assert time.monotonic() < end, "not committed to the end"
+                await asyncio.sleep(0.1)
+        finally:
+            await ingest.stop()
+        assert {e.event_id for e in pipeline.events} == {f"c-{i}" for i in range(count)}
+        assert pipeline.refusals >= count // 300 // 2  # it paused and resumed often
+    asyncio.run(asyncio.wait_for(main(), 50))
+
+
 def test_uncommitted_records_are_read_again_by_the_next_member(cluster, names):
     """A member that never got its records into the log (a crash, as far as Kafka can tell)
     commits nothing: the next member of the group reads all of them."""
