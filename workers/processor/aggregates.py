@@ -1,0 +1,324 @@
+"""One window's statistics for one key (service, model, variant, operation), in bounded memory.
+
+Why this shape: the processor keeps one ``Aggregate`` per pane and key and builds every window
+by merging panes, so each statistic is one that merges exactly or within a known error:
+counts and sums, DDSketch quantiles (1% relative accuracy, mergeable bin by bin), Welford's
+quality mean and variance (Chan et al.'s parallel formula) and a Space-Saving summary of prompt
+fingerprints. Memory is bounded whatever the event count: the sketches are capped at
+``BIN_LIMIT`` bins (the lowest collapse first, which never touches p50..p99 in practice),
+``errors_by_type`` at ``MAX_ERROR_TYPES`` names and the fingerprints at their capacity.
+
+``to_bytes`` is msgpack; a sketch is written by its bins (offset, length and the non-zero
+range), so a restored aggregate answers every quantile exactly as the original and continues
+to evolve identically (which checkpoint/restore relies on).
+"""
+from __future__ import annotations
+
+import msgspec
+from ddsketch import LogCollapsingLowestDenseDDSketch
+from ddsketch.ddsketch import BaseDDSketch
+from ddsketch.store import DenseStore
+from msgspec import Struct
+
+from ipc.events import LLMEvent
+from workers.processor.heavy_hitters import HeavyHittersDecodeError, SpaceSaving
+
+KeyT = tuple[str, str, str, str]  # (service, model, variant or "", operation)
+
+RELATIVE_ACCURACY = 0.01
+BIN_LIMIT = 2048  # at 1% accuracy 2048 bins span a ratio of ~1e17: collapse is for garbage
+MAX_ERROR_TYPES = 32
+OTHER_ERROR = "(other)"
+UNKNOWN_ERROR = "(unknown)"
+FINGERPRINT_CAPACITY = 64
+TOP_FINGERPRINTS = 10
+FORMAT_VERSION = 1
+
+
+class AggregateDecodeError(ValueError):
+    """Bytes that are not a serialized Aggregate of a known version."""
+
+
+def event_key(event: LLMEvent) -> KeyT:
+    return (event.service, event.model, event.variant or "", event.operation)
+
+
+def _new_sketch() -> BaseDDSketch:
+    return LogCollapsingLowestDenseDDSketch(RELATIVE_ACCURACY, bin_limit=BIN_LIMIT)
+
+
+class _StoreState(Struct, array_like=True):
+    offset: int
+    length: int
+    min_key: int
+    max_key: int
+    count: float
+    collapsed: bool
+    bins: list[float]  # bins for keys min_key..max_key; every other bin is zero
+
+
+class _SketchState(Struct, array_like=True):
+    zero_count: float
+    count: float
+    sum: float
+    min: float
+    max: float
+    positive: _StoreState | None
+    negative: _StoreState | None
+
+
+class _State(Struct, array_like=True):
+    version: int
+    count: int
+    errors: int
+    errors_by_type: dict[str, int]
+    latency: _SketchState
+    ttft: _SketchState | None
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    uncosted: int
+    quality_n: int
+    quality_mean: float
+    quality_m2: float
+    cache_hits: int
+    cache_known: int
+    fingerprint_calls: int
+    fingerprint_capacity: int
+    fingerprints: list[tuple[str, int, int]]
+    first_ns: int | None
+    last_ns: int | None
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(_State)
+
+
+def _store_state(store: DenseStore) -> _StoreState | None:
+    if not store.bins:
+        return None
+    low, high = store.min_key - store.offset, store.max_key - store.offset
+    return _StoreState(store.offset, len(store.bins), int(store.min_key), int(store.max_key),
+                       store.count, getattr(store, "is_collapsed", False),
+                       store.bins[low:high + 1])
+
+
+def _load_store(store: DenseStore, state: _StoreState | None) -> None:
+    if state is None:
+        return
+    low = state.min_key - state.offset
+    if low < 0 or low + len(state.bins) > state.length or \
+            state.max_key - state.min_key + 1 != len(state.bins):
+        raise AggregateDecodeError("sketch bins do not fit their offset and length")
+    bins = [0.0] * state.length
+    bins[low:low + len(state.bins)] = state.bins
+    store.bins, store.offset, store.count = bins, state.offset, state.count
+    store.min_key, store.max_key = state.min_key, state.max_key
+    store.is_collapsed = state.collapsed
+
+
+def _sketch_state(sketch: BaseDDSketch) -> _SketchState:
+    return _SketchState(sketch._zero_count, sketch._count, sketch._sum, sketch._min,
+                        sketch._max, _store_state(sketch._store),
+                        _store_state(sketch._negative_store))
+
+
+def _load_sketch(state: _SketchState) -> BaseDDSketch:
+    sketch = _new_sketch()
+    _load_store(sketch._store, state.positive)
+    _load_store(sketch._negative_store, state.negative)
+    sketch._zero_count, sketch._count, sketch._sum = state.zero_count, state.count, state.sum
+    sketch._min, sketch._max = state.min, state.max
+    return sketch
+
+
+class Aggregate:
+    """Statistics of the events of one window (or pane) and key."""
+
+    __slots__ = ("count", "errors", "errors_by_type", "latency", "ttft", "tokens_in",
+                 "tokens_out", "cost_usd", "uncosted", "quality_n", "quality_mean",
+                 "quality_m2", "cache_hits", "cache_known", "fingerprint_calls",
+                 "fingerprints", "first_ns", "last_ns")
+
+    def __init__(self, fingerprint_capacity: int = FINGERPRINT_CAPACITY):
+        self.count = 0
+        self.errors = 0
+        self.errors_by_type: dict[str, int] = {}
+        self.latency = _new_sketch()
+        self.ttft: BaseDDSketch | None = None  # made on the first event that reports ttft
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.cost_usd = 0.0
+        self.uncosted = 0  # events without cost_usd: not in cost_usd, not in cost_per_call
+        self.quality_n = 0
+        self.quality_mean = 0.0
+        self.quality_m2 = 0.0  # Welford's sum of squared deviations from the mean
+        self.cache_hits = 0
+        self.cache_known = 0  # events that said whether they hit the cache
+        self.fingerprint_calls = 0
+        self.fingerprints = SpaceSaving(fingerprint_capacity)
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
+
+    def add(self, event: LLMEvent) -> None:
+        self.count += 1
+        if event.status == "error":
+            self.errors += 1
+            self._count_error(event.error_type or UNKNOWN_ERROR, 1)
+        self.latency.add(event.latency_ms)
+        if event.ttft_ms is not None:
+            if self.ttft is None:
+                self.ttft = _new_sketch()
+            self.ttft.add(event.ttft_ms)
+        self.tokens_in += event.input_tokens
+        self.tokens_out += event.output_tokens
+        cost = event.cost_usd
+        if cost is None:
+            self.uncosted += 1
+        else:
+            self.cost_usd += cost
+        quality = event.quality
+        if quality is not None:
+            self.quality_n += 1
+            delta = quality - self.quality_mean
+            self.quality_mean += delta / self.quality_n
+            self.quality_m2 += delta * (quality - self.quality_mean)
+        if event.cache_hit is not None:
+            self.cache_known += 1
+            if event.cache_hit:
+                self.cache_hits += 1
+        if event.prompt_fingerprint is not None:
+            self.fingerprint_calls += 1
+            self.fingerprints.add(event.prompt_fingerprint)
+        time_ns = event.time_ns
+        if self.first_ns is None:
+            self.first_ns = self.last_ns = time_ns
+        elif time_ns < self.first_ns:
+            self.first_ns = time_ns
+        elif time_ns > self.last_ns:
+            self.last_ns = time_ns
+
+    def _count_error(self, error_type: str, n: int) -> None:
+        by_type = self.errors_by_type
+        if error_type not in by_type and len(by_type) >= MAX_ERROR_TYPES:
+            error_type = OTHER_ERROR
+        by_type[error_type] = by_type.get(error_type, 0) + n
+
+    def merge(self, other: Aggregate) -> None:
+        """Add ``other``'s events to this aggregate (``other`` is not changed)."""
+        self.count += other.count
+        self.errors += other.errors
+        for error_type, n in other.errors_by_type.items():
+            self._count_error(error_type, n)
+        self.latency.merge(other.latency)
+        if other.ttft is not None:
+            if self.ttft is None:
+                self.ttft = _new_sketch()
+            self.ttft.merge(other.ttft)
+        self.tokens_in += other.tokens_in
+        self.tokens_out += other.tokens_out
+        self.cost_usd += other.cost_usd
+        self.uncosted += other.uncosted
+        if other.quality_n:
+            n_a, n_b = self.quality_n, other.quality_n
+            n = n_a + n_b
+            delta = other.quality_mean - self.quality_mean
+            self.quality_mean += delta * n_b / n
+            self.quality_m2 += other.quality_m2 + delta * delta * n_a * n_b / n
+            self.quality_n = n
+        self.cache_hits += other.cache_hits
+        self.cache_known += other.cache_known
+        self.fingerprint_calls += other.fingerprint_calls
+        self.fingerprints.merge(other.fingerprints)
+        if other.first_ns is not None:
+            if self.first_ns is None:
+                self.first_ns, self.last_ns = other.first_ns, other.last_ns
+            else:
+                self.first_ns = min(self.first_ns, other.first_ns)
+                self.last_ns = max(self.last_ns, other.last_ns)
+
+    def quantile(self, q: float) -> float | None:
+        """Latency (ms) at quantile ``q`` in 0..1, within 1% relative; None when empty."""
+        return self.latency.get_quantile_value(q)
+
+    def ttft_quantile(self, q: float) -> float | None:
+        return None if self.ttft is None else self.ttft.get_quantile_value(q)
+
+    @property
+    def quality_var(self) -> float | None:
+        """Sample variance (ddof=1) of quality; None below two scores."""
+        return self.quality_m2 / (self.quality_n - 1) if self.quality_n > 1 else None
+
+    @property
+    def repeat_share(self) -> float | None:
+        """Share of fingerprinted calls whose fingerprint was seen before in the window (a
+        lower bound once more distinct fingerprints arrive than the summary holds)."""
+        if not self.fingerprint_calls:
+            return None
+        return self.fingerprints.repeats() / self.fingerprint_calls
+
+    def summary(self) -> dict:
+        """JSON-able figures; a rate or mean with nothing to divide by is None."""
+        count = self.count
+        costed = count - self.uncosted
+        return {
+            "count": count,
+            "errors": self.errors,
+            "error_rate": self.errors / count if count else None,
+            "errors_by_type": dict(sorted(self.errors_by_type.items())),
+            "p50_ms": self.quantile(0.50),
+            "p95_ms": self.quantile(0.95),
+            "p99_ms": self.quantile(0.99),
+            "ttft_p50_ms": self.ttft_quantile(0.50),
+            "ttft_p95_ms": self.ttft_quantile(0.95),
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "cost_usd": self.cost_usd,
+            "uncosted": self.uncosted,
+            "cost_per_call": self.cost_usd / costed if costed else None,
+            "quality_mean": self.quality_mean if self.quality_n else None,
+            "quality_n": self.quality_n,
+            "quality_var": self.quality_var,
+            "cache_hit_rate": self.cache_hits / self.cache_known if self.cache_known else None,
+            "repeat_share": self.repeat_share,
+            "top_fingerprints": [list(row) for row in self.fingerprints.top(TOP_FINGERPRINTS)],
+            "first_ns": self.first_ns,
+            "last_ns": self.last_ns,
+        }
+
+    def to_bytes(self) -> bytes:
+        return _encoder.encode(_State(
+            FORMAT_VERSION, self.count, self.errors, self.errors_by_type,
+            _sketch_state(self.latency),
+            None if self.ttft is None else _sketch_state(self.ttft),
+            self.tokens_in, self.tokens_out, self.cost_usd, self.uncosted, self.quality_n,
+            self.quality_mean, self.quality_m2, self.cache_hits, self.cache_known,
+            self.fingerprint_calls, self.fingerprints.capacity, self.fingerprints.to_list(),
+            self.first_ns, self.last_ns))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Aggregate:
+        try:
+            state = _decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            raise AggregateDecodeError(f"not a serialized Aggregate: {exc}") from None
+        if state.version != FORMAT_VERSION:
+            raise AggregateDecodeError(f"unsupported Aggregate format {state.version}")
+        agg = cls(state.fingerprint_capacity)
+        try:
+            agg.fingerprints = SpaceSaving.from_list(state.fingerprints,
+                                                     state.fingerprint_capacity)
+        except (HeavyHittersDecodeError, ValueError) as exc:
+            raise AggregateDecodeError(f"fingerprints: {exc}") from None
+        agg.count, agg.errors, agg.errors_by_type = state.count, state.errors, \
+            state.errors_by_type
+        agg.latency = _load_sketch(state.latency)
+        agg.ttft = None if state.ttft is None else _load_sketch(state.ttft)
+        agg.tokens_in, agg.tokens_out = state.tokens_in, state.tokens_out
+        agg.cost_usd, agg.uncosted = state.cost_usd, state.uncosted
+        agg.quality_n, agg.quality_mean, agg.quality_m2 = \
+            state.quality_n, state.quality_mean, state.quality_m2
+        agg.cache_hits, agg.cache_known = state.cache_hits, state.cache_known
+        agg.fingerprint_calls = state.fingerprint_calls
+        agg.first_ns, agg.last_ns = state.first_ns, state.last_ns
+        return agg
