@@ -259,3 +259,17 @@ def test_robust_z_on_a_mostly_constant_history() -> None:
     assert robust_z(0.0, history) == 0.0
     assert robust_z(0.1, history) > 3.5
     assert robust_z(1.0, np.zeros(10)) == math.inf
+
+
+def test_windows_with_missing_figures_are_skipped_not_fatal() -> None:
+    """aggregates.summary() gives None for a rate or mean with nothing to divide by."""
+    series = scale(scale(healthy(40, 19), "p95_ms", 1.5, 6), "cost_per_call", 1.5, 6)
+    series = [{**w, "repeat_share": 0.4} for w in series]
+    for i in (-2, -9, -20):
+        series[i] = {**series[i], "p95_ms": None, "cost_per_call": None, "error_rate": None,
+                     "repeat_share": None, "cache_hit_rate": None}
+    found = {f.kind: f for a in ANALYZERS for f in a.analyze(series, KEY)}
+    assert {"latency_regression", "cost_per_call_drift", "repeated_prompts"} <= found.keys()
+    assert found["latency_regression"].evidence["recent_windows"] == 5
+    assert found["repeated_prompts"].evidence["calls"] == sum(w["count"] for w in series[-6:]
+                                                              if w["repeat_share"] is not None)

@@ -95,6 +95,11 @@ def test_two_proportion_test_known_answer() -> None:
 
 # -- classification and verdict ------------------------------------------------------------
 
+def test_error_free_sides_pass() -> None:
+    result = judge([ERRORS], {"errors": (np.zeros(500), np.zeros(500))})
+    assert result.metrics[0].classification == "pass" and result.metrics[0].p_value == 1.0
+
+
 def test_significant_but_small_shift_passes() -> None:
     rng = np.random.default_rng(1)
     base = rng.normal(1000, 10, 2000)

@@ -187,10 +187,7 @@ def judge_proportion(spec: MetricSpec, baseline: np.ndarray, canary: np.ndarray,
     p_value, diff, ci_low, ci_high = two_proportion_test(
         float(baseline.sum()), len(baseline), float(canary.sum()), len(canary),
         config.confidence)
-    if ci_low == ci_high == diff == 0:  # both sides all 0 or all 1: nothing differs
-        classification, reason = "pass", "identical proportions"
-    else:
-        classification, reason = _classify(spec, ci_low, ci_high, spec.tolerance)
+    classification, reason = _classify(spec, ci_low, ci_high, spec.tolerance)
     return MetricResult(spec.name, classification, p_value, diff, ci_low, ci_high,
                         float(baseline.mean()), float(canary.mean()), reason, spec.critical)
 

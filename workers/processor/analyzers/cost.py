@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
+import numpy as np
 
 from workers.processor.analyzers.finding import Finding, SeriesKey, make_finding
 from workers.processor.analyzers.robust import spike_threshold
@@ -68,6 +69,9 @@ def cost_per_call_drift(windows: list[dict], key: SeriesKey,
     if len(base) < config.min_baseline_windows or len(recent) < config.min_recent_windows:
         return []
     base_cpc, recent_cpc = column(base, "cost_per_call"), column(recent, "cost_per_call")
+    base_cpc, recent_cpc = base_cpc[np.isfinite(base_cpc)], recent_cpc[np.isfinite(recent_cpc)]
+    if len(base_cpc) < config.min_baseline_windows or len(recent_cpc) < config.min_recent_windows:
+        return []  # windows of calls without a price have no cost per call
     base_mean, recent_mean = float(base_cpc.mean()), float(recent_cpc.mean())
     if base_mean <= 0:
         return []
@@ -80,9 +84,9 @@ def cost_per_call_drift(windows: list[dict], key: SeriesKey,
     severity = "critical" if drift >= config.critical_drift else "warning"
     return [make_finding(
         key, "cost_per_call_drift", severity, f"cost per call up {drift:.0%} on {key.model}",
-        f"${recent_mean:.5f} per call over the last {len(recent)} windows against "
-        f"${base_mean:.5f} over the {len(base)} before (Welch, p = {p_value:.2g})",
+        f"${recent_mean:.5f} per call over the last {len(recent_cpc)} windows against "
+        f"${base_mean:.5f} over the {len(base_cpc)} before (Welch, p = {p_value:.2g})",
         {"drift": drift, "p_value": p_value, "recent_cost_per_call": recent_mean,
-         "baseline_cost_per_call": base_mean, "recent_windows": len(recent),
-         "baseline_windows": len(base)},
+         "baseline_cost_per_call": base_mean, "recent_windows": len(recent_cpc),
+         "baseline_windows": len(base_cpc)},
         recent)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import msgspec
+import numpy as np
 
 from workers.processor.analyzers.finding import Finding, SeriesKey, make_finding
 from workers.processor.analyzers.robust import spike_threshold
@@ -38,15 +39,19 @@ def repeated_prompts(windows: list[dict], key: SeriesKey, config: PatternConfig)
     if not recent:
         return []
     counts, shares = column(recent, "count"), column(recent, "repeat_share")
-    calls = float(counts.sum())
+    known = np.isfinite(shares)  # a window without prompt fingerprints has no repeat_share
+    calls = float(counts[known].sum())
     if calls < config.min_calls:
         return []
-    repeated = float((shares * counts).sum())
+    repeated = float((shares[known] * counts[known]).sum())
     share = repeated / calls
     if share < config.repeat_threshold:
         return []
-    repeated_cost = float((shares * column(recent, "cost_usd")).sum())
-    cache_hit_rate = float((column(recent, "cache_hit_rate") * counts).sum() / calls)
+    repeated_cost = float((shares[known] * column(recent, "cost_usd")[known]).sum())
+    hits = column(recent, "cache_hit_rate")
+    cached = np.isfinite(hits) & (counts > 0)
+    cache_hit_rate = (float((hits[cached] * counts[cached]).sum() / counts[cached].sum())
+                      if cached.any() else float("nan"))
     severity = "warning" if share >= config.warning_repeat_share else "info"
     return [make_finding(
         key, "repeated_prompts", severity, f"{share:.0%} of prompts to {key.model} are repeats",

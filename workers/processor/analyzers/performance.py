@@ -27,6 +27,11 @@ class PerformanceConfig(msgspec.Struct, frozen=True):
     alpha: float = 0.01
 
 
+def positive(values: np.ndarray) -> np.ndarray:
+    """The values a log can be taken of (a window without latencies has None, read as NaN)."""
+    return values[np.isfinite(values) & (values > 0)]
+
+
 def analyze(series: Sequence[dict], key: SeriesKey,
             config: PerformanceConfig | None = None) -> list[Finding]:
     config = config or PerformanceConfig()
@@ -34,9 +39,9 @@ def analyze(series: Sequence[dict], key: SeriesKey,
     base, recent = busy(base, config.min_calls), busy(recent, config.min_calls)
     if len(base) < config.min_baseline_windows or len(recent) < config.min_recent_windows:
         return []
-    base_p95, recent_p95 = column(base, "p95_ms"), column(recent, "p95_ms")
-    if not (np.all(base_p95 > 0) and np.all(recent_p95 > 0)):
-        return []  # a window without latencies: nothing to compare on a log scale
+    base_p95, recent_p95 = positive(column(base, "p95_ms")), positive(column(recent, "p95_ms"))
+    if len(base_p95) < config.min_baseline_windows or len(recent_p95) < config.min_recent_windows:
+        return []
     ratio = float(np.median(recent_p95) / np.median(base_p95)) - 1
     if ratio < config.ratio_threshold:
         return []
@@ -47,10 +52,10 @@ def analyze(series: Sequence[dict], key: SeriesKey,
     return [make_finding(
         key, "latency_regression", severity,
         f"p95 latency up {ratio:.0%} on {key.model}",
-        f"median p95 {np.median(recent_p95):.0f} ms over the last {len(recent)} windows against "
-        f"{np.median(base_p95):.0f} ms over the {len(base)} before (Welch on log p95, "
+        f"median p95 {np.median(recent_p95):.0f} ms over the last {len(recent_p95)} windows "
+        f"against {np.median(base_p95):.0f} ms over the {len(base_p95)} before (Welch on log p95, "
         f"p = {p_value:.2g})",
         {"ratio": ratio, "p_value": p_value, "recent_p95_ms": np.median(recent_p95),
-         "baseline_p95_ms": np.median(base_p95), "recent_windows": len(recent),
-         "baseline_windows": len(base)},
+         "baseline_p95_ms": np.median(base_p95), "recent_windows": len(recent_p95),
+         "baseline_windows": len(base_p95)},
         recent)]
