@@ -180,6 +180,16 @@ class CollectorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True)
         "Per-model prices taking precedence over both files, USD per token, e.g. "
         "prices = { \"gpt-4o\" = { input = 2.5e-6, output = 1e-5, cached_input = 1.25e-6 } }."
     )] = field(default_factory=dict)
+    rate_limit_events_per_s: Annotated[float, doc(
+        "Per-client budget on the push paths (JSON, OTLP/HTTP, OTLP/gRPC), in events or spans "
+        "a second; over it the answer is 429 (gRPC RESOURCE_EXHAUSTED) with Retry-After. "
+        "0: no limit.", ge=0)] = 0.0
+    rate_limit_burst: Annotated[int, doc(
+        "Events a client may send at once above its rate. 0: one second's worth.", ge=0)] = 0
+    rate_limit_key_header: Annotated[str, doc(
+        "Request header (gRPC metadata key) naming the client, e.g. an API key; requests "
+        "without it are limited by peer address. Empty: always the peer address.")] = \
+        "x-api-key"
     kafka: Annotated[KafkaIngestSection, doc(
         "Kafka ingest: a consumer group on a topic of events.")] = \
         field(default_factory=KafkaIngestSection)

@@ -86,6 +86,17 @@ def test_token_bucket_keys_are_independent_and_cost_counts() -> None:
         bucket.try_acquire("a", cost=4)  # could never succeed
 
 
+def test_token_bucket_with_debt_takes_a_cost_above_capacity_and_keeps_the_rate() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=10.0, capacity=5, clock=clock, allow_debt=True)
+    bucket.acquire("a", cost=25)  # full: taken, 20 tokens owed
+    assert bucket.tokens("a") == -20
+    assert bucket.retry_after("a", cost=25) == pytest.approx(2.5)  # back to full
+    clock.advance(2.5)
+    bucket.acquire("a", cost=25)  # only once the debt is repaid at 10/s
+    assert not bucket.try_acquire("a", cost=1)
+
+
 def test_token_bucket_forgets_full_buckets() -> None:
     clock = FakeClock()
     bucket = TokenBucket(rate=1.0, capacity=2, clock=clock, max_keys=2)

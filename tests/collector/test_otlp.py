@@ -30,6 +30,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from ipc import storage as s
 from ipc.events import decode_event
+from tests.collector.in_flight import events_held_in_flight
 from tests.conftest import http_get, wait_until
 from workers.storage_client import SyncStorageClient
 
@@ -285,20 +286,21 @@ def test_overloaded_collector_asks_exporters_to_retry(make_daemon):
     from google.rpc import error_details_pb2, status_pb2
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
     d = make_daemon(builtins=["storage", "collector"],
-                    extra={"collector": {"max_in_flight": 1}}).start()
+                    extra={"collector": {"max_in_flight": 2}}).start()
     spans = make_spans([("chat", SEMCONV_136, 0.1), ("chat", SEMCONV_137, 0.1)])
-    body = encode_spans(spans)   # two events: never fit in a max_in_flight of 1
-    code, headers, _ = post(f"http://{d.doc['collector']['listen']}/v1/traces", body,
-                                 "application/x-protobuf")
-    assert code == 503 and int(headers["Retry-After"]) >= 1
-    with grpc.insecure_channel(d.doc["collector"]["otlp_grpc_listen"]) as channel:
-        stub = trace_service_pb2_grpc.TraceServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.Export(ExportTraceServiceRequest.FromString(body), timeout=10)
+    body = encode_spans(spans)   # two events: no room while another one is in flight
+    with events_held_in_flight(d, 1):
+        code, headers, _ = post(f"http://{d.doc['collector']['listen']}/v1/traces", body,
+                                "application/x-protobuf")
+        assert code == 503 and int(headers["Retry-After"]) >= 1
+        with grpc.insecure_channel(d.doc["collector"]["otlp_grpc_listen"]) as channel:
+            stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Export(ExportTraceServiceRequest.FromString(body), timeout=10)
     error = caught.value
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     details = dict(error.trailing_metadata())["grpc-status-details-bin"]
     retry = error_details_pb2.RetryInfo()
     assert status_pb2.Status.FromString(details).details[0].Unpack(retry)
     assert retry.retry_delay.seconds >= 1
-    assert read_log(d.runtime, "llm-events") == []
+    assert [decode_event(p).event_id for p in read_log(d.runtime, "llm-events")] == ["held-0"]

@@ -44,9 +44,36 @@ def test_a_failing_event_log_opens_the_breaker_so_requests_fail_fast():
     asyncio.run(scenario())
 
 
-def test_more_events_than_may_be_in_flight_are_refused_whole():
-    pipeline = IngestPipeline(FailingLog(), storage=None, prices=shipped_prices(),
-                              max_in_flight=2)
-    with pytest.raises(Overloaded) as refused:
-        asyncio.run(pipeline.submit("json", [EVENT] * 3, 0.0))
-    assert refused.value.retry_after > 0 and pipeline.in_flight == 0
+class GatedLog(Producer):
+    """Appends wait until ``opened`` is set: events stay in flight meanwhile."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+        self.appended: list[bytes] = []
+
+    async def append(self, payloads, key=None) -> None:
+        await self.opened.wait()
+        self.appended += payloads
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_batch_over_the_in_flight_bound_is_refused_whole_while_others_are_in_flight():
+    log = GatedLog()
+    pipeline = IngestPipeline(log, storage=None, prices=shipped_prices(), max_in_flight=2)
+
+    async def scenario() -> None:
+        first = asyncio.create_task(pipeline.submit("json", [EVENT], 0.0))
+        while pipeline.in_flight == 0:
+            await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:
+            await pipeline.submit("json", [EVENT] * 2, 0.0)
+        assert refused.value.retry_after > 0 and pipeline.in_flight == 1
+        log.opened.set()
+        await first
+        # Alone, a batch larger than the bound goes through: refusing it would be for ever.
+        await pipeline.submit("json", [EVENT] * 3, 0.0)
+        assert len(log.appended) == 4 and pipeline.in_flight == 0
+
+    asyncio.run(scenario())

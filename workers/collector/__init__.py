@@ -17,6 +17,7 @@ from aiohttp import web
 from ipc.config import CollectorSection, split_listen
 from ipc.prices import price_table_from_config
 from workers.collector import otlp_grpc
+from workers.collector.admission import ClientLimits
 from workers.collector.json_ingest import post_events, post_feedback
 from workers.collector.kafka_ingest import KafkaIngest
 from workers.collector.otlp_http import post_traces
@@ -41,6 +42,8 @@ class CollectorWorker(Worker):
         max_body = int(section.max_body_mb * (1 << 20))
         app = web.Application(client_max_size=max_body)
         app["pipeline"] = self.pipeline
+        limits = ClientLimits.from_section(section)
+        app["limits"] = limits
         app.router.add_post("/v1/events", post_events)
         app.router.add_post("/v1/traces", post_traces)
         app.router.add_post("/v1/feedback", post_feedback)
@@ -53,7 +56,7 @@ class CollectorWorker(Worker):
         host, port = split_listen(section.listen)
         await web.TCPSite(self.runner, host, port, reuse_port=section.processes > 1).start()
         self.grpc_server = await otlp_grpc.start_server(
-            section.otlp_grpc_listen, self.pipeline, section.processes, max_body)
+            section.otlp_grpc_listen, self.pipeline, limits, section.processes, max_body)
         self.log.info("collector on http://%s, OTLP/gRPC on %s", section.listen,
                       section.otlp_grpc_listen)
 

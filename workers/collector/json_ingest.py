@@ -3,11 +3,12 @@
 Each event is validated on its own: valid ones are appended durably, then the answer says how
 many were accepted and why each other one was rejected (index, field path, reason). A body
 that is not such an object is a 400 problem (RFC 9457). A full collector answers 503 with
-Retry-After and acknowledges nothing.
+Retry-After and acknowledges nothing; a client over its rate limit, 429 with Retry-After.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from ipc.events import EventRejected, encode_feedback, parse_feedback, parse_json_event
 from ipc.storage import StorageFailure
+from workers.collector.admission import ClientLimits, OverBudget
 from workers.collector.pipeline import IngestPipeline, NotDurable, Refused
 
 MAX_EVENTS_PER_REQUEST = 10_000
@@ -33,6 +35,20 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> web.Response:
 def unavailable(exc: Refused) -> web.Response:
     return problem(503, "Service Unavailable", str(exc),
                    retry_after=max(1, round(exc.retry_after)))
+
+
+def over_budget(request: web.Request, source: str, items: int) -> web.Response | None:
+    """The 429 answer if the request's client is over its rate (``[collector]
+    rate_limit_events_per_s``), else None with the items counted against its budget."""
+    limits: ClientLimits | None = request.app.get("limits")
+    if limits is None:
+        return None
+    try:
+        limits.admit(source, limits.client_of(request.headers, request.remote), items)
+    except OverBudget as exc:
+        return problem(429, "Too Many Requests", str(exc),
+                       retry_after=max(1, math.ceil(exc.retry_after)))
+    return None
 
 
 async def read_json(request: web.Request) -> Any | web.Response:
@@ -74,6 +90,9 @@ async def post_events(request: web.Request) -> web.Response:
     items = await batch_of(request, "events")
     if isinstance(items, web.Response):
         return items
+    refusal = over_budget(request, SOURCE, len(items))
+    if refusal is not None:
+        return refusal
     accepted, rejected, dead = [], [], []
     for index, item in enumerate(items):
         try:
@@ -95,6 +114,9 @@ async def post_feedback(request: web.Request) -> web.Response:
     items = await batch_of(request, "feedback")
     if isinstance(items, web.Response):
         return items
+    refusal = over_budget(request, SOURCE, len(items))
+    if refusal is not None:
+        return refusal
     received = time.time_ns()
     accepted, rejected = [], []
     for index, item in enumerate(items):

@@ -8,8 +8,8 @@ app's ``client_max_size``, so a compression bomb ends in 413, not in memory exha
 Spans that are LLM calls become events (see ``otlp_mapping``); the answer is an
 ExportTraceServiceResponse in the request's encoding, with ``partial_success`` counting the
 gen_ai spans rejected (those also go to the dead-letter log). An undecodable body is a 400
-problem, another content type 415, a full or non-durable collector 503 with Retry-After: the
-exporter retries, and nothing was acknowledged.
+problem, another content type 415, a full or non-durable collector 503 and a client over its
+rate limit 429, both with Retry-After: the exporter retries, and nothing was acknowledged.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import Counter
 
-from workers.collector.json_ingest import problem, unavailable
+from workers.collector.json_ingest import over_budget, problem, unavailable
 from workers.collector.otlp_mapping import (
     OtlpDecodeError,
     decode_json,
@@ -61,6 +61,9 @@ async def post_traces(request: web.Request) -> web.Response:
     except OtlpDecodeError as exc:
         return problem(400, "Bad Request", str(exc))
     mapped = map_request(message)
+    refusal = over_budget(request, SOURCE, mapped.llm_spans)
+    if refusal is not None:
+        return refusal
     if mapped.ignored:
         IGNORED_SPANS.labels(SOURCE).inc(mapped.ignored)
     try:

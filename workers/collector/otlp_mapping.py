@@ -101,6 +101,11 @@ class Mapped:
     rejected: list[tuple[dict[str, Any], str, str]] = field(default_factory=list)
     ignored: int = 0
 
+    @property
+    def llm_spans(self) -> int:
+        """The spans that are LLM calls, valid or not: what a client's rate limit counts."""
+        return len(self.events) + len(self.rejected)
+
     def response(self) -> ExportTraceServiceResponse:
         """The ExportTraceServiceResponse: partial_success when spans were rejected."""
         answer = ExportTraceServiceResponse()

@@ -76,7 +76,9 @@ class IngestPipeline:
         """Append ``events`` durably; raises Overloaded or NotDurable instead of acknowledging."""
         if not events:
             return
-        if self.in_flight + len(events) > self.max_in_flight:
+        # A batch larger than the bound on its own is let through when nothing else is in
+        # flight (bodies are bounded by max_body_mb), or it would be refused forever.
+        if self.in_flight and self.in_flight + len(events) > self.max_in_flight:
             raise Overloaded(retry_after=1.0)
         self.in_flight += len(events)
         IN_FLIGHT.inc(len(events))

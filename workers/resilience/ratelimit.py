@@ -46,11 +46,16 @@ class TokenBucket:
     """
 
     def __init__(self, rate: float, capacity: float, *, clock: Clock = time.monotonic,
-                 max_keys: int = 100_000) -> None:
+                 max_keys: int = 100_000, allow_debt: bool = False) -> None:
+        """``allow_debt``: a cost above ``capacity`` is taken once the bucket is full, leaving
+        it below zero, so that the sustained rate still holds for callers whose unit of work
+        (a batch of events) can be larger than the burst; without it such a cost is a
+        ValueError."""
         if rate <= 0 or capacity <= 0:
             raise ValueError("rate and capacity must be positive")
         self.rate = rate
         self.capacity = capacity
+        self.allow_debt = allow_debt
         self.clock = clock
         self.max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
@@ -72,17 +77,18 @@ class TokenBucket:
 
     def retry_after(self, key: str, cost: float = 1.0, *, take: bool = False) -> float:
         """Seconds until ``cost`` tokens are there (0 if now); takes them if ``take`` and 0."""
-        if cost > self.capacity:
+        if cost > self.capacity and not self.allow_debt:
             raise ValueError(f"cost {cost} exceeds the bucket capacity {self.capacity}")
+        needed = min(cost, self.capacity)
         now = self.clock()
         tokens = self._refill(key, now)
-        if tokens >= cost:
+        if tokens >= needed:
             if take:
                 self._buckets[key] = (tokens - cost, now)
                 if len(self._buckets) > self.max_keys:
                     self.prune()
             return 0.0
-        return (cost - tokens) / self.rate
+        return (needed - tokens) / self.rate
 
     def acquire(self, key: str, cost: float = 1.0) -> None:
         """Take ``cost`` tokens or raise ``RateLimited`` with the wait."""
