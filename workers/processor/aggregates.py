@@ -14,10 +14,13 @@ to evolve identically (which checkpoint/restore relies on).
 """
 from __future__ import annotations
 
+from math import ceil, log
+from operator import add
+
 import msgspec
 from ddsketch import LogCollapsingLowestDenseDDSketch
 from ddsketch.ddsketch import BaseDDSketch
-from ddsketch.store import DenseStore
+from ddsketch.store import CollapsingLowestDenseStore
 from msgspec import Struct
 
 from ipc.events import LLMEvent
@@ -45,6 +48,31 @@ def event_key(event: LLMEvent) -> KeyT:
 
 def _new_sketch() -> BaseDDSketch:
     return LogCollapsingLowestDenseDDSketch(RELATIVE_ACCURACY, bin_limit=BIN_LIMIT)
+
+
+_MAPPING = _new_sketch()._mapping
+_MULTIPLIER, _MIN_POSSIBLE = _MAPPING._multiplier, _MAPPING.min_possible
+
+
+def _add_value(sketch: BaseDDSketch, value: float) -> None:
+    """``sketch.add(value)``, inlined for the hot path (a positive value whose bin exists);
+    the key is computed exactly as LogarithmicMapping.key does."""
+    if value <= _MIN_POSSIBLE:
+        sketch.add(value)
+        return
+    key = ceil(log(value, 2) * _MULTIPLIER)
+    store = sketch._store
+    if store.min_key <= key <= store.max_key:
+        store.bins[key - store.offset] += 1.0
+        store.count += 1.0
+    else:
+        store.add(key)
+    sketch._count += 1.0
+    sketch._sum += value
+    if value < sketch._min:
+        sketch._min = value
+    if value > sketch._max:
+        sketch._max = value
 
 
 class _StoreState(Struct, array_like=True):
@@ -94,16 +122,16 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(_State)
 
 
-def _store_state(store: DenseStore) -> _StoreState | None:
+def _store_state(store: CollapsingLowestDenseStore) -> _StoreState | None:
     if not store.bins:
         return None
     low, high = store.min_key - store.offset, store.max_key - store.offset
     return _StoreState(store.offset, len(store.bins), int(store.min_key), int(store.max_key),
-                       store.count, getattr(store, "is_collapsed", False),
+                       store.count, store.is_collapsed,
                        store.bins[low:high + 1])
 
 
-def _load_store(store: DenseStore, state: _StoreState | None) -> None:
+def _load_store(store: CollapsingLowestDenseStore, state: _StoreState | None) -> None:
     if state is None:
         return
     low = state.min_key - state.offset
@@ -130,6 +158,41 @@ def _load_sketch(state: _SketchState) -> BaseDDSketch:
     sketch._zero_count, sketch._count, sketch._sum = state.zero_count, state.count, state.sum
     sketch._min, sketch._max = state.min, state.max
     return sketch
+
+
+def _merge_store(dst: CollapsingLowestDenseStore, src: CollapsingLowestDenseStore) -> None:
+    """``dst.merge(src)`` (same bins, same order of additions), done by slices instead of
+    the library's per-bin loop unless the lowest bins must collapse."""
+    if not src.count:
+        return
+    low_key, high_key = min(src.min_key, dst.min_key), max(src.max_key, dst.max_key)
+    if not dst.count or dst.is_collapsed or high_key - low_key + 1 > dst.bin_limit:
+        dst.merge(src)
+        return
+    if low_key < dst.min_key or high_key > dst.max_key:
+        dst._extend_range(low_key, high_key)
+    low, high = src.min_key - dst.offset, src.max_key - dst.offset + 1
+    start = src.min_key - src.offset
+    dst.bins[low:high] = map(add, dst.bins[low:high], src.bins[start:start + high - low])
+    dst.count += src.count
+
+
+def _merge_sketch(dst: BaseDDSketch, src: BaseDDSketch) -> None:
+    """``dst.merge(src)`` for two sketches of ``_new_sketch``, bin for bin the same result."""
+    if not src._count:
+        return
+    if not dst._count:
+        dst._copy(src)
+        return
+    _merge_store(dst._store, src._store)
+    _merge_store(dst._negative_store, src._negative_store)
+    dst._zero_count += src._zero_count
+    dst._count += src._count
+    dst._sum += src._sum
+    if src._min < dst._min:
+        dst._min = src._min
+    if src._max > dst._max:
+        dst._max = src._max
 
 
 class Aggregate:
@@ -165,11 +228,11 @@ class Aggregate:
         if event.status == "error":
             self.errors += 1
             self._count_error(event.error_type or UNKNOWN_ERROR, 1)
-        self.latency.add(event.latency_ms)
+        _add_value(self.latency, event.latency_ms)
         if event.ttft_ms is not None:
             if self.ttft is None:
                 self.ttft = _new_sketch()
-            self.ttft.add(event.ttft_ms)
+            _add_value(self.ttft, event.ttft_ms)
         self.tokens_in += event.input_tokens
         self.tokens_out += event.output_tokens
         cost = event.cost_usd
@@ -210,11 +273,11 @@ class Aggregate:
         self.errors += other.errors
         for error_type, n in other.errors_by_type.items():
             self._count_error(error_type, n)
-        self.latency.merge(other.latency)
+        _merge_sketch(self.latency, other.latency)
         if other.ttft is not None:
             if self.ttft is None:
                 self.ttft = _new_sketch()
-            self.ttft.merge(other.ttft)
+            _merge_sketch(self.ttft, other.ttft)
         self.tokens_in += other.tokens_in
         self.tokens_out += other.tokens_out
         self.cost_usd += other.cost_usd

@@ -31,8 +31,10 @@ class SpaceSaving:
         self.capacity = capacity
         self._counts: dict[str, int] = {}
         self._errors: dict[str, int] = {}
-        self._buckets: dict[int, dict[str, None]] = {}  # count -> items, in arrival order
-        self._min = 0  # the smallest count of a monitored item (0 when empty)
+        # count -> items in eviction order; None until the next add needs it, because a merged
+        # summary (a closed window) is usually never added to
+        self._buckets: dict[int, dict[str, None]] | None = {}
+        self._min = 0  # the smallest count of a monitored item (0 when empty); with buckets
 
     def __len__(self) -> int:
         return len(self._counts)
@@ -40,13 +42,30 @@ class SpaceSaving:
     @property
     def min_count(self) -> int:
         """What an unmonitored item may have had: the minimum count once full, else 0."""
-        return self._min if len(self._counts) >= self.capacity else 0
+        if len(self._counts) < self.capacity:
+            return 0
+        return min(self._counts.values()) if self._buckets is None else self._min
+
+    def _build_buckets(self) -> dict[int, dict[str, None]]:
+        """Buckets from the counts, items of one count in the counts' order."""
+        buckets: dict[int, dict[str, None]] = {}
+        for item, count in self._counts.items():
+            bucket = buckets.get(count)
+            if bucket is None:
+                buckets[count] = {item: None}
+            else:
+                bucket[item] = None
+        self._buckets = buckets
+        self._min = min(buckets) if buckets else 0
+        return buckets
 
     def add(self, item: str) -> None:
         counts = self._counts
+        buckets = self._buckets
+        if buckets is None:
+            buckets = self._build_buckets()
         count = counts.get(item)
         if count is not None:
-            buckets = self._buckets
             low = buckets[count]
             del low[item]
             if not low:
@@ -63,30 +82,27 @@ class SpaceSaving:
         if len(counts) < self.capacity:
             counts[item] = 1
             self._errors[item] = 0
-            self._buckets.setdefault(1, {})[item] = None
+            buckets.setdefault(1, {})[item] = None
             self._min = 1
             return
-        self._replace_min(item)
-
-    def _replace_min(self, item: str) -> None:
-        """The paper's eviction: the new item inherits the minimum count as its error."""
+        # The paper's eviction: the new item inherits the minimum count as its error.
         low_count = self._min
-        low = self._buckets[low_count]
+        low = buckets[low_count]
         victim = next(iter(low))
-        del low[victim], self._counts[victim], self._errors[victim]
+        del low[victim], counts[victim], self._errors[victim]
         if not low:
-            del self._buckets[low_count]
+            del buckets[low_count]
             self._min = low_count + 1
-        self._counts[item] = low_count + 1
+        counts[item] = low_count + 1
         self._errors[item] = low_count
-        self._buckets.setdefault(low_count + 1, {})[item] = None
+        buckets.setdefault(low_count + 1, {})[item] = None
 
     def top(self, n: int | None = None) -> list[Row]:
         """The ``n`` largest items as (item, count, error), largest first; ties by smaller
         error, then by item, so that the order never depends on arrival."""
         errors = self._errors
         rows = sorted(((item, count, errors[item]) for item, count in self._counts.items()),
-                      key=lambda row: (-row[1], row[2], row[0]))
+                      key=_rank)
         return rows if n is None else rows[:n]
 
     def repeats(self) -> int:
@@ -101,35 +117,39 @@ class SpaceSaving:
         error; the ``capacity`` largest are kept."""
         if not other._counts:
             return
+        counts, errors = self._counts, self._errors
+        other_counts, other_errors = other._counts, other._errors
         pad_self, pad_other = self.min_count, other.min_count
-        merged: dict[str, tuple[int, int]] = {}
-        for item in list(self._counts) + [i for i in other._counts if i not in self._counts]:
-            merged[item] = (
-                self._counts.get(item, pad_self) + other._counts.get(item, pad_other),
-                self._errors.get(item, pad_self) + other._errors.get(item, pad_other))
-        rows = sorted(((item, c, e) for item, (c, e) in merged.items()),
-                      key=lambda row: (-row[1], row[2], row[0]))[:self.capacity]
-        self._load(reversed(rows))
-
-    def _load(self, rows) -> None:
-        """Rebuild from rows given in bucket order (ascending count, arrival order within)."""
-        self._counts, self._errors, self._buckets = {}, {}, {}
-        for item, count, error in rows:
-            self._counts[item] = count
-            self._errors[item] = error
-            self._buckets.setdefault(count, {})[item] = None
-        self._min = min(self._buckets) if self._buckets else 0
+        if pad_other:
+            for item in counts:
+                if item not in other_counts:
+                    counts[item] += pad_other
+                    errors[item] += pad_other
+        for item, count in other_counts.items():
+            if item in counts:
+                counts[item] += count
+                errors[item] += other_errors[item]
+            else:
+                counts[item] = count + pad_self
+                errors[item] = other_errors[item] + pad_self
+        if len(counts) > self.capacity:
+            rows = sorted(((item, count, errors[item]) for item, count in counts.items()),
+                          key=_rank)[:self.capacity]
+            self._counts = {item: count for item, count, _ in rows}
+            self._errors = {item: error for item, _, error in rows}
+        self._buckets = None
 
     def to_list(self) -> list[Row]:
-        """Rows in bucket order, so that ``from_list`` restores the exact eviction order."""
+        """Rows in eviction order (ascending count; within a count, first evicted first), so
+        that ``from_list`` restores a summary that evolves identically."""
+        buckets = self._build_buckets() if self._buckets is None else self._buckets
         errors = self._errors
         return [(item, count, errors[item])
-                for count in sorted(self._buckets) for item in self._buckets[count]]
+                for count in sorted(buckets) for item in buckets[count]]
 
     @classmethod
     def from_list(cls, rows: list, capacity: int = DEFAULT_CAPACITY) -> SpaceSaving:
         summary = cls(capacity)
-        checked = []
         for row in rows:
             try:
                 item, count, error = row
@@ -139,10 +159,15 @@ class SpaceSaving:
             if not isinstance(item, str) or not isinstance(count, int) \
                     or not isinstance(error, int) or not 0 <= error < count:
                 raise HeavyHittersDecodeError(f"invalid row {row!r}")
-            checked.append((item, count, error))
-        if len(checked) > capacity or len({row[0] for row in checked}) != len(checked):
-            raise HeavyHittersDecodeError("more rows than capacity, or an item twice")
-        if [row[1] for row in checked] != sorted(row[1] for row in checked):
-            raise HeavyHittersDecodeError("rows are not in ascending count order")
-        summary._load(checked)
+            if item in summary._counts:
+                raise HeavyHittersDecodeError(f"item {item!r} twice")
+            summary._counts[item] = count
+            summary._errors[item] = error
+        if len(summary._counts) > capacity:
+            raise HeavyHittersDecodeError(f"{len(rows)} rows for a capacity of {capacity}")
+        summary._build_buckets()
         return summary
+
+
+def _rank(row: Row) -> tuple[int, int, str]:
+    return -row[1], row[2], row[0]

@@ -139,13 +139,18 @@ class WindowedAggregator:
         windows += [(s + size, "sliding", s) for s in self.sliding.windows_for(pane)]
         return windows
 
+    def _first_end(self, pane: int) -> int:
+        tumbling, slide = self.tumbling.size_ns, self.sliding.slide_ns
+        return min(pane - pane % tumbling + tumbling, pane - pane % slide + slide)
+
+    def _last_end(self, pane: int) -> int:
+        tumbling, slide = self.tumbling.size_ns, self.sliding.slide_ns
+        return max(pane - pane % tumbling + tumbling, pane - pane % slide + self.sliding.size_ns)
+
     def _next_end(self, pane: int) -> int:
         """The earliest end of a window of ``pane`` that is still open."""
         return min((end for end, _, _ in self._pane_windows(pane) if end > self.watermark_ns),
                    default=_NO_END)
-
-    def _last_end(self, pane: int) -> int:
-        return max(end for end, _, _ in self._pane_windows(pane))
 
     # --- ingest -------------------------------------------------------------------------
 
@@ -164,7 +169,7 @@ class WindowedAggregator:
                     return "late"
                 keys = self._panes[pane] = {}
                 self._next_end_ns = min(self._next_end_ns, self._next_end(pane))
-            first_end = min(end for end, _, _ in self._pane_windows(pane))
+            first_end = self._first_end(pane)
             self._last_pane = (pane, keys, first_end)
         if self.watermark_ns >= first_end:
             self.partly_late_count += 1
@@ -177,18 +182,19 @@ class WindowedAggregator:
         if time_ns > self.max_time_ns:
             self.max_time_ns = time_ns
             watermark = time_ns - self.lateness_ns
-            if watermark > self.watermark_ns:
+            previous = self.watermark_ns
+            if watermark > previous:
                 self.watermark_ns = watermark
                 if watermark >= self._next_end_ns:
-                    self._close(watermark)
+                    self._close(previous, watermark)
         return "accepted"
 
-    def _close(self, watermark: int) -> None:
-        """Materialize every window ending at or before ``watermark`` that has not been,
+    def _close(self, previous: int, watermark: int) -> None:
+        """Materialize the windows ending in (previous, watermark], the watermark's step,
         then forget the panes no open window needs."""
         due: set[tuple[int, Kind, int]] = set()
         for pane in self._panes:
-            due.update(w for w in self._pane_windows(pane) if w[0] <= watermark)
+            due.update(w for w in self._pane_windows(pane) if previous < w[0] <= watermark)
         closed = []
         for end, kind, start in due:
             panes = [self._panes[p] for p in range(start, end, self.pane_ns) if p in self._panes]
