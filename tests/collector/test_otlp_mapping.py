@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 
+import msgspec
 import pytest
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -139,6 +140,44 @@ def test_quality_from_evaluation_events():
         span.events.add(name=name).attributes.add(key="gen_ai.evaluation.score.value",
                                                   value=value(score))
     assert map_request(r, now=NOW).events[0].quality == pytest.approx(0.8)
+
+
+HELLO = [{"role": "user", "parts": [{"type": "text", "content": "What is our refund policy?"}]}]
+
+
+def test_prompt_fingerprint_from_content_in_every_style_and_never_the_text():
+    semconv = one(**M, **{"gen_ai.input.messages": json.dumps(HELLO)})
+    spaced = one(**M, **{"gen_ai.input.messages": json.dumps(HELLO, indent=2)})
+    assert semconv.prompt_fingerprint.startswith("p1:")
+    assert semconv.prompt_fingerprint == spaced.prompt_fingerprint  # the same prompt
+    other = one(**M, **{"gen_ai.input.messages": json.dumps(HELLO).replace("refund", "return")})
+    assert other.prompt_fingerprint != semconv.prompt_fingerprint
+    openllmetry = one(**M, **{"gen_ai.prompt.0.role": "user",
+                              "gen_ai.prompt.0.content": "What is our  refund policy?"})
+    same_words = one(**M, **{"gen_ai.prompt.0.role": "user",
+                             "gen_ai.prompt.0.content": "What is our refund policy?\n"})
+    assert openllmetry.prompt_fingerprint == same_words.prompt_fingerprint
+    openlit = one(**M, **{"gen_ai.prompt": "What is our refund policy?"})
+    assert openlit.prompt_fingerprint.startswith("p1:")
+    assert one(**M).prompt_fingerprint is None  # no content captured: no fingerprint
+
+    r = request(M)
+    r.resource_spans[0].scope_spans[0].spans[0].events.add(
+        name="gen_ai.content.prompt").attributes.add(key="gen_ai.prompt",
+                                                     value=value("What is our refund policy?"))
+    assert map_request(r, now=NOW).events[0].prompt_fingerprint == openlit.prompt_fingerprint
+    for event in (semconv, openllmetry, openlit):
+        assert b"refund" not in msgspec.json.encode(event)
+
+
+def test_a_rejected_span_is_kept_without_its_prompt_text():
+    mapped = map_request(request({**M, "gen_ai.usage.input_tokens": -1,
+                                  "gen_ai.prompt.0.content": "secret plans",
+                                  "gen_ai.completion.0.content": "more secrets"}), now=NOW)
+    kept, path, _ = mapped.rejected[0]
+    assert path.endswith("input_tokens")
+    assert "secret" not in json.dumps(kept)
+    assert kept["attributes"]["gen_ai.prompt.0.content"] == "[redacted]"
 
 
 def test_json_with_hex_ids_decodes_to_the_same_message():

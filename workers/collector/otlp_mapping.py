@@ -43,6 +43,10 @@ quality             span events named ``gen_ai.evaluation.result`` (or anything 
                     ``gen_ai.evaluation``) with a numeric ``gen_ai.evaluation.score.value`` (or
                     ``gen_ai.evaluation.score``) in 0..1; several: their mean. Scores outside
                     0..1 have no known scale and are ignored, as are label-only results.
+prompt_fingerprint  a hash of the prompt content when the span carries it
+                    (gen_ai.input.messages, gen_ai.prompt.N.content, gen_ai.prompt; see
+                    ``prompt_fingerprint``); the text itself is never kept, and is redacted
+                    from rejected spans in the dead-letter log
 ==================  =========================================================================
 
 A span that is an LLM call but cannot become a valid event (no model, negative tokens, no
@@ -68,6 +72,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from ipc.events import EventRejected, LLMEvent, parse_json_event
+from workers.collector.prompt_fingerprint import PROMPT_EVENT, fingerprint, redact_content
 
 MODEL_KEYS = ("gen_ai.response.model", "gen_ai.request.model")
 PROVIDER_KEYS = ("gen_ai.provider.name", "gen_ai.system")
@@ -222,7 +227,7 @@ def span_summary(span: Span, service: str, attrs: dict[str, Any]) -> dict[str, A
             "service": service, "start_time_unix_nano": span.start_time_unix_nano,
             "end_time_unix_nano": span.end_time_unix_nano,
             "attributes": {k: (v.hex() if isinstance(v, bytes) else v)
-                           for k, v in attrs.items()}}
+                           for k, v in redact_content(attrs).items()}}
 
 
 def quality(span: Span) -> float | None:
@@ -300,6 +305,10 @@ def map_span(span: Span, service: str, path: str, *, now: float | None = None) -
         obj["status"] = "error"
     if (score := quality(span)) is not None:
         obj["quality"] = score
+    prompt = fingerprint(attrs, ((e.name, attributes(e.attributes)) for e in span.events
+                                 if e.name == PROMPT_EVENT))
+    if prompt is not None:
+        obj["prompt_fingerprint"] = prompt
     if tags:
         obj["tags"] = tags
     if obj.get("model") is None:
