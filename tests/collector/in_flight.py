@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 from tests.conftest import wait_until
 
+# Config for a daemon whose storage worker these tests stop: not restarted meanwhile.
+STORAGE_NOT_RESTARTED = {"heartbeat_timeout": 60.0}
 EVENT = {"time": "2026-11-25T10:00:00Z", "service": "support-bot", "model": "gpt-4o",
          "input_tokens": 1200, "output_tokens": 300, "latency_ms": 850.5}
 
@@ -26,8 +28,9 @@ def collector_in_flight(d) -> int:
 @contextlib.contextmanager
 def events_held_in_flight(d, count: int) -> Iterator[list[int]]:
     """Inside: ``count`` JSON events of one request are in flight (their append waits on the
-    stopped storage worker). On exit storage continues and the request's status code is
-    appended to the yielded list."""
+    stopped storage worker, for less than the storage client's 5 s timeout if the request is
+    to succeed). On exit storage continues and the request's status code is appended to the
+    yielded list. The daemon's ``[storage]`` needs STORAGE_NOT_RESTARTED."""
     storage = d.services()["storage"]["pid"]
     url = f"http://{d.doc['collector']['listen']}/v1/events"
     body = json.dumps({"events": [dict(EVENT, event_id=f"held-{i}")

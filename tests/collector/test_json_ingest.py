@@ -9,7 +9,7 @@ import pytest
 
 from ipc import storage as s
 from ipc.events import decode_event
-from tests.collector.in_flight import events_held_in_flight
+from tests.collector.in_flight import STORAGE_NOT_RESTARTED, events_held_in_flight
 from tests.conftest import http_get, wait_until
 from workers.storage_client import SyncStorageClient
 
@@ -125,7 +125,8 @@ def test_too_many_events_in_flight_get_503_with_retry_after(make_daemon):
     """Backpressure: beyond max_in_flight, nothing is acknowledged and the client is told when
     to come back, instead of the collector buffering without bound."""
     d = make_daemon(builtins=["storage", "collector"],
-                    extra={"collector": {"max_in_flight": 10}}).start()
+                    extra={"collector": {"max_in_flight": 10},
+                           "storage": STORAGE_NOT_RESTARTED}).start()
     url = f"http://{d.doc['collector']['listen']}/v1/events"
     with events_held_in_flight(d, 6) as held:
         code, headers, answer = post(url, json.dumps(

@@ -30,7 +30,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from ipc import storage as s
 from ipc.events import decode_event
-from tests.collector.in_flight import events_held_in_flight
+from tests.collector.in_flight import STORAGE_NOT_RESTARTED, events_held_in_flight
 from tests.conftest import http_get, wait_until
 from workers.storage_client import SyncStorageClient
 
@@ -156,7 +156,9 @@ def test_sdk_http_export_in_every_naming_style(collector):
     records = [decode_event(p) for p in read_log(collector.runtime, "llm-events")]
     assert [r.event_id for r in records].count(event_id(spans[0])) == 2
 
-    metrics = lambda: http_get(collector.admin_url("/metrics"))[1].decode()
+    def metrics() -> str:
+        return http_get(collector.admin_url("/metrics"))[1].decode()
+
     wait_until(lambda: 'collector_events_accepted_total{source="otlp_http"} 6.0' in metrics(),
                10)
     assert 'collector_otlp_spans_ignored_total{source="otlp_http"} 2.0' in metrics()
@@ -286,7 +288,8 @@ def test_overloaded_collector_asks_exporters_to_retry(make_daemon):
     from google.rpc import error_details_pb2, status_pb2
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
     d = make_daemon(builtins=["storage", "collector"],
-                    extra={"collector": {"max_in_flight": 2}}).start()
+                    extra={"collector": {"max_in_flight": 2},
+                           "storage": STORAGE_NOT_RESTARTED}).start()
     spans = make_spans([("chat", SEMCONV_136, 0.1), ("chat", SEMCONV_137, 0.1)])
     body = encode_spans(spans)   # two events: no room while another one is in flight
     with events_held_in_flight(d, 1):
