@@ -20,6 +20,7 @@ from operator import add
 import msgspec
 from ddsketch import LogCollapsingLowestDenseDDSketch
 from ddsketch.ddsketch import BaseDDSketch
+from ddsketch.mapping import LogarithmicMapping
 from ddsketch.store import CollapsingLowestDenseStore
 from msgspec import Struct
 
@@ -46,25 +47,41 @@ def event_key(event: LLMEvent) -> KeyT:
     return (event.service, event.model, event.variant or "", event.operation)
 
 
-def _new_sketch() -> BaseDDSketch:
-    return LogCollapsingLowestDenseDDSketch(RELATIVE_ACCURACY, bin_limit=BIN_LIMIT)
-
-
-_MAPPING = _new_sketch()._mapping
+_MAPPING = LogarithmicMapping(RELATIVE_ACCURACY)  # immutable: shared, as building one is slow
 _MULTIPLIER, _MIN_POSSIBLE = _MAPPING._multiplier, _MAPPING.min_possible
 
 
+def _new_sketch() -> BaseDDSketch:
+    """A LogCollapsingLowestDenseDDSketch(RELATIVE_ACCURACY, BIN_LIMIT) on the shared
+    mapping."""
+    sketch = LogCollapsingLowestDenseDDSketch.__new__(LogCollapsingLowestDenseDDSketch)
+    BaseDDSketch.__init__(sketch, mapping=_MAPPING,
+                          store=CollapsingLowestDenseStore(BIN_LIMIT),
+                          negative_store=CollapsingLowestDenseStore(BIN_LIMIT), zero_count=0.0)
+    return sketch
+
+
 def _add_value(sketch: BaseDDSketch, value: float) -> None:
-    """``sketch.add(value)``, inlined for the hot path (a positive value whose bin exists);
-    the key is computed exactly as LogarithmicMapping.key does."""
+    """``sketch.add(value)``, inlined for the hot path: a positive value whose bin is already
+    allocated. The key is computed exactly as LogarithmicMapping.key does; a new lowest key
+    inside the allocation only moves ``min_key`` where the library would also re-center the
+    bins (same counts per key, same length, so collapsing happens exactly as it would)."""
     if value <= _MIN_POSSIBLE:
         sketch.add(value)
         return
     key = ceil(log(value, 2) * _MULTIPLIER)
     store = sketch._store
+    index = key - store.offset
     if store.min_key <= key <= store.max_key:
-        store.bins[key - store.offset] += 1.0
+        store.bins[index] += 1.0
         store.count += 1.0
+    elif 0 <= index < len(store.bins) and not store.is_collapsed:
+        store.bins[index] += 1.0
+        store.count += 1.0
+        if key < store.min_key:
+            store.min_key = key
+        else:
+            store.max_key = key
     else:
         store.add(key)
     sketch._count += 1.0
@@ -269,6 +286,22 @@ class Aggregate:
 
     def merge(self, other: Aggregate) -> None:
         """Add ``other``'s events to this aggregate (``other`` is not changed)."""
+        self._merge_stats(other)
+        self.fingerprints.merge(other.fingerprints)
+
+    @classmethod
+    def merged(cls, parts: list[Aggregate]) -> Aggregate:
+        """A new aggregate of all ``parts`` (a window from its panes); like merging them in
+        turn, but the fingerprint summary is truncated once, not after every part."""
+        agg = cls()
+        for part in parts:
+            agg._merge_stats(part)
+        agg.fingerprints = SpaceSaving.merged([part.fingerprints for part in parts],
+                                              agg.fingerprints.capacity)
+        return agg
+
+    def _merge_stats(self, other: Aggregate) -> None:
+        """Everything of ``merge`` but the fingerprints."""
         self.count += other.count
         self.errors += other.errors
         for error_type, n in other.errors_by_type.items():
@@ -292,7 +325,6 @@ class Aggregate:
         self.cache_hits += other.cache_hits
         self.cache_known += other.cache_known
         self.fingerprint_calls += other.fingerprint_calls
-        self.fingerprints.merge(other.fingerprints)
         if other.first_ns is not None:
             if self.first_ns is None:
                 self.first_ns, self.last_ns = other.first_ns, other.last_ns

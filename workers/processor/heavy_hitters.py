@@ -139,6 +139,34 @@ class SpaceSaving:
             self._errors = {item: error for item, _, error in rows}
         self._buckets = None
 
+    @classmethod
+    def merged(cls, parts: list[SpaceSaving], capacity: int = DEFAULT_CAPACITY) -> SpaceSaving:
+        """The merge of many summaries, truncated once at the end: what pairwise ``merge``
+        would give, but one sort instead of one per step (and never less accurate)."""
+        pads = [part.min_count for part in parts]
+        total_pad = sum(pads)
+        counts: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        # every item starts as missing from every part (total_pad); where present, the part's
+        # own count and error replace its pad
+        for part, pad in zip(parts, pads, strict=True):
+            part_errors = part._errors
+            for item, count in part._counts.items():
+                if item in counts:
+                    counts[item] += count - pad
+                    errors[item] += part_errors[item] - pad
+                else:
+                    counts[item] = count - pad + total_pad
+                    errors[item] = part_errors[item] - pad + total_pad
+        summary = cls(capacity)
+        if len(counts) > capacity:
+            rows = sorted(((item, count, errors[item]) for item, count in counts.items()),
+                          key=_rank)[:capacity]
+            counts = {item: count for item, count, _ in rows}
+            errors = {item: error for item, _, error in rows}
+        summary._counts, summary._errors, summary._buckets = counts, errors, None
+        return summary
+
     def to_list(self) -> list[Row]:
         """Rows in eviction order (ascending count; within a count, first evicted first), so
         that ``from_list`` restores a summary that evolves identically."""

@@ -200,12 +200,8 @@ class WindowedAggregator:
             panes = [self._panes[p] for p in range(start, end, self.pane_ns) if p in self._panes]
             keys = sorted({key for keys in panes for key in keys})
             for key in keys:
-                agg = Aggregate()
-                for keys_of_pane in panes:
-                    part = keys_of_pane.get(key)
-                    if part is not None:
-                        agg.merge(part)
-                closed.append(ClosedWindow(kind, start, end, key, agg))
+                parts = [keys_of_pane[key] for keys_of_pane in panes if key in keys_of_pane]
+                closed.append(ClosedWindow(kind, start, end, key, Aggregate.merged(parts)))
         closed.sort(key=lambda w: (w.end_ns, w.key, _KIND_ORDER[w.kind]))
         self._closed += closed
         for pane in [p for p in self._panes if self._last_end(p) <= watermark]:
