@@ -195,9 +195,71 @@ class CollectorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True)
         field(default_factory=KafkaIngestSection)
 
 
+STRATEGIES = ("model_selection", "caching", "rate_limiting", "batching", "prompt_optimization")
+
+
+class DecisionsSection(Struct, kw_only=True, forbid_unknown_fields=True):
+    """[processor.decisions]: which optimizations may be proposed, and under what limits."""
+
+    strategies: Annotated[list[Literal[STRATEGIES]], doc(  # type: ignore[valid-type]
+        "Strategies that may propose optimizations.")] = \
+        field(default_factory=lambda: list(STRATEGIES))
+    quality_tolerance: Annotated[float, doc(
+        "Largest drop of mean quality (0..1 scale) a change may cost.", ge=0, le=1)] = 0.02
+    latency_tolerance: Annotated[float, doc(
+        "Largest relative rise of p95 latency a change may cost (0.2 = +20%).", ge=0)] = 0.2
+    latency_budget_ms: Annotated[float, doc(
+        "Absolute p95 latency no change may exceed. 0: none.", ge=0)] = 0.0
+    min_samples: Annotated[int, doc(
+        "Calls a model must have been seen on before its figures count.", ge=1)] = 200
+    auto_deploy: Annotated[bool, doc(
+        "Start a canary rollout for a proposal at once, without an operator.")] = False
+
+
+class CanarySection(Struct, kw_only=True, forbid_unknown_fields=True):
+    """[processor.canary]: how a change is rolled out and judged."""
+
+    stages: Annotated[list[Annotated[float, Meta(gt=0, le=100)]], doc(
+        "Canary traffic share of each stage, in percent, ending at 100.")] = \
+        field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0])
+    min_samples: Annotated[int, doc(
+        "Canary calls a stage needs before it is judged.", ge=10)] = 200
+    confidence: Annotated[float, doc(
+        "Confidence of the judge's intervals (Mann-Whitney, proportions).", gt=0.5, lt=1)] = 0.98
+    stage_timeout_intervals: Annotated[int, doc(
+        "Analysis intervals a stage may wait for its samples before the rollout is rolled "
+        "back.", ge=1)] = 10
+
+
 class ProcessorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
     entrypoint: str = "workers.processor:ProcessorWorker"
     depends_on: list[str] = field(default_factory=lambda: ["storage", "collector"])
+    tumbling_window_s: Annotated[int, doc(
+        "Length of the tumbling windows, in seconds of event time.", ge=1)] = 60
+    sliding_window_s: Annotated[int, doc(
+        "Length of the sliding windows (a multiple of sliding_step_s).", ge=1)] = 300
+    sliding_step_s: Annotated[int, doc("Step of the sliding windows.", ge=1)] = 60
+    allowed_lateness_s: Annotated[int, doc(
+        "How far behind the newest event time an event may arrive and still count; later "
+        "ones are counted as late and recorded.", ge=0)] = 30
+    analysis_interval_s: Annotated[int, doc(
+        "Event time between two runs of the analyzers, decisions and canary judge (a multiple "
+        "of tumbling_window_s).", ge=1)] = 60
+    lookback_windows: Annotated[int, doc(
+        "Tumbling windows per key the analyzers and decisions look back on.", ge=2)] = 60
+    dedup_horizon_s: Annotated[int, doc(
+        "How long (event time) an event id is remembered to drop re-sent duplicates.",
+        ge=1)] = 3600
+    dedup_max_ids: Annotated[int, doc(
+        "Most event ids remembered at once (memory bound); the oldest go first.",
+        ge=1000)] = 1_000_000
+    checkpoint_interval_s: Annotated[float, doc(
+        "Wall-clock time between checkpoints of the window state and read position.",
+        gt=0)] = 2.0
+    decisions: Annotated[DecisionsSection, doc(
+        "Which optimizations may be proposed.")] = field(default_factory=DecisionsSection)
+    canary: Annotated[CanarySection, doc(
+        "How changes are rolled out.")] = field(default_factory=CanarySection)
 
 
 class RestApiSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
 import tomllib
@@ -17,7 +18,8 @@ from typing import Any, Literal
 import msgspec
 
 from ipc.config import (BUILTIN_SERVICES, LISTEN_PATTERN, Config, ExtraServiceSection,
-                        PriceOverride, is_valid_service_name, split_listen)
+                        PriceOverride, ProcessorSection, is_valid_service_name,
+                        split_listen)
 from ipc.dependencies import DependencyCycleError, start_order
 from ipc.endpoints import IPC_PATH_MAX, SOCKET_NAME_MAX, runtime_dir, socket_path
 
@@ -151,6 +153,22 @@ def _decode_error(exc: msgspec.ValidationError, doc: dict[str, Any],
                        source=env_keys.get(key, ""))
 
 
+def check_processor(section: ProcessorSection) -> None:
+    """Window lengths that fit together, and canary stages that end in a full rollout."""
+    if section.sliding_window_s % section.sliding_step_s:
+        raise ConfigError("processor.sliding_window_s", "must be a multiple of "
+                          f"processor.sliding_step_s ({section.sliding_step_s})",
+                          section.sliding_window_s)
+    if section.analysis_interval_s % section.tumbling_window_s:
+        raise ConfigError("processor.analysis_interval_s", "must be a multiple of "
+                          f"processor.tumbling_window_s ({section.tumbling_window_s})",
+                          section.analysis_interval_s)
+    stages = section.canary.stages
+    if not stages or stages[-1] != 100 or any(b <= a for a, b in itertools.pairwise(stages)):
+        raise ConfigError("processor.canary.stages", "must rise strictly and end at 100 "
+                          "(percent of traffic)", stages)
+
+
 def check_semantics(config: Config) -> None:
     """Checks that span keys: names, references, cycles, ports, timing relations."""
     sup = config.supervisor
@@ -171,6 +189,7 @@ def check_semantics(config: Config) -> None:
     if sup.backoff_max < sup.backoff_base:
         raise ConfigError("supervisor.backoff_max", "must be at least supervisor.backoff_base "
                           f"({sup.backoff_base})", sup.backoff_max)
+    check_processor(config.processor)
     for name in config.services:
         if name in BUILTIN_SERVICES or not is_valid_service_name(name):
             raise ConfigError(f"services.{name}", "service names are lowercase letters, digits "

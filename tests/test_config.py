@@ -117,6 +117,16 @@ def test_config_hash_is_stable_and_tracks_changes():
     ('[services.Bad-Name]\nentrypoint = "workers.stub:StubWorker"\n', "services.Bad-Name",
      ["lowercase"], "Bad-Name"),
     ('[services.x]\nsettings = {}\n', "services.x.entrypoint", ["required"], None),
+    ("[processor]\nsliding_window_s = 250\n", "processor.sliding_window_s",
+     ["multiple of", "sliding_step_s"], 250),
+    ("[processor]\nanalysis_interval_s = 90\n", "processor.analysis_interval_s",
+     ["multiple of", "tumbling_window_s"], 90),
+    ("[processor.canary]\nstages = [5, 50, 25]\n", "processor.canary.stages",
+     ["rise strictly", "100"], [5.0, 50.0, 25.0]),
+    ("[processor.canary]\nstages = [5, 50]\n", "processor.canary.stages", ["end at 100"],
+     [5.0, 50.0]),
+    ('[collector]\nrate_limit_events_per_s = -1\n', "collector.rate_limit_events_per_s",
+     [">= 0"], -1),
 ])
 def test_errors_name_key_path_expectation_and_value(tmp_path, text, key, words, value):
     path = write(tmp_path, text)
