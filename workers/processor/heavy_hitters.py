@@ -132,17 +132,18 @@ class SpaceSaving:
             else:
                 counts[item] = count + pad_self
                 errors[item] = other_errors[item] + pad_self
-        if len(counts) > self.capacity:
-            rows = sorted(((item, count, errors[item]) for item, count in counts.items()),
-                          key=_rank)[:self.capacity]
-            self._counts = {item: count for item, count, _ in rows}
-            self._errors = {item: error for item, _, error in rows}
+        self._counts, self._errors = _truncate(counts, errors, self.capacity)
         self._buckets = None
 
     @classmethod
     def merged(cls, parts: list[SpaceSaving], capacity: int = DEFAULT_CAPACITY) -> SpaceSaving:
         """The merge of many summaries, truncated once at the end: what pairwise ``merge``
         would give, but one sort instead of one per step (and never less accurate)."""
+        if len(parts) == 1 and parts[0].capacity <= capacity:
+            summary = cls(capacity)
+            summary._counts, summary._errors = dict(parts[0]._counts), dict(parts[0]._errors)
+            summary._buckets = None
+            return summary
         pads = [part.min_count for part in parts]
         total_pad = sum(pads)
         counts: dict[str, int] = {}
@@ -159,12 +160,8 @@ class SpaceSaving:
                     counts[item] = count - pad + total_pad
                     errors[item] = part_errors[item] - pad + total_pad
         summary = cls(capacity)
-        if len(counts) > capacity:
-            rows = sorted(((item, count, errors[item]) for item, count in counts.items()),
-                          key=_rank)[:capacity]
-            counts = {item: count for item, count, _ in rows}
-            errors = {item: error for item, _, error in rows}
-        summary._counts, summary._errors, summary._buckets = counts, errors, None
+        summary._counts, summary._errors = _truncate(counts, errors, capacity)
+        summary._buckets = None
         return summary
 
     def to_list(self) -> list[Row]:
@@ -199,3 +196,16 @@ class SpaceSaving:
 
 def _rank(row: Row) -> tuple[int, int, str]:
     return -row[1], row[2], row[0]
+
+
+def _truncate(counts: dict[str, int], errors: dict[str, int],
+              capacity: int) -> tuple[dict[str, int], dict[str, int]]:
+    """The ``capacity`` items that rank first (as in ``top``). Only the items tied at the
+    cut are sorted: a full sort of every candidate was most of a window's merge time."""
+    if len(counts) <= capacity:
+        return counts, errors
+    cut = sorted(counts.values(), reverse=True)[capacity - 1]
+    kept = [item for item, count in counts.items() if count > cut]
+    tied = sorted((errors[item], item) for item, count in counts.items() if count == cut)
+    kept += [item for _, item in tied[:capacity - len(kept)]]
+    return {item: counts[item] for item in kept}, {item: errors[item] for item in kept}
