@@ -70,8 +70,8 @@ def _add_values(sketch: BaseDDSketch, values: list[float]) -> None:
     ceil(log2(v) * multiplier)), then each distinct key is one ``store.add``. A per-value
     ``DDSketch.add`` costs about 1 us of Python, most of an event's budget."""
     array = np.array(values)
-    positive = array > _MIN_POSSIBLE
-    if not positive.all():
+    if array.min() <= _MIN_POSSIBLE:  # zeros (and garbage) go one by one
+        positive = array > _MIN_POSSIBLE
         for value in array[~positive].tolist():
             sketch.add(value)
         array = array[positive]

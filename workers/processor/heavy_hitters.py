@@ -146,11 +146,16 @@ class SpaceSaving:
             return summary
         pads = [part.min_count for part in parts]
         total_pad = sum(pads)
-        counts: dict[str, int] = {}
-        errors: dict[str, int] = {}
         # every item starts as missing from every part (total_pad); where present, the part's
-        # own count and error replace its pad
-        for part, pad in zip(parts, pads, strict=True):
+        # own count and error replace its pad. The first part is copied whole when it adds no
+        # pad to anyone: the usual case, as a pane is rarely full.
+        if pads[0] == total_pad:
+            counts, errors = dict(parts[0]._counts), dict(parts[0]._errors)
+            rest = zip(parts[1:], pads[1:], strict=True)
+        else:
+            counts, errors = {}, {}
+            rest = zip(parts, pads, strict=True)
+        for part, pad in rest:
             part_errors = part._errors
             for item, count in part._counts.items():
                 if item in counts:
@@ -206,6 +211,7 @@ def _truncate(counts: dict[str, int], errors: dict[str, int],
         return counts, errors
     cut = sorted(counts.values(), reverse=True)[capacity - 1]
     kept = [item for item, count in counts.items() if count > cut]
-    tied = sorted((errors[item], item) for item, count in counts.items() if count == cut)
-    kept += [item for _, item in tied[:capacity - len(kept)]]
+    tied = sorted(item for item, count in counts.items() if count == cut)
+    tied.sort(key=errors.__getitem__)  # stable: by error, then by item
+    kept += tied[:capacity - len(kept)]
     return {item: counts[item] for item in kept}, {item: errors[item] for item in kept}
