@@ -266,7 +266,8 @@ def test_checkpoint_mid_rollout_continues_with_the_same_outcome():
     async def go() -> None:
         await resumed.start(change)
         traffic = Traffic(11, **effect)
-        await resumed.drive(traffic, 4)  # stage 0 passed, stage 1 under way
+        await resumed.drive(traffic, 4)  # 5 % and 25 % passed; 50 % is collecting
+        assert resumed.deployer.active[SERVICE].stage == 2
         config = await resumed.configs.get(SERVICE)
         traffic.interval(resumed.deployer, config, T0 + 4 * INTERVAL)  # mid-interval
         state = resumed.deployer.state_to_bytes()
