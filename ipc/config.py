@@ -223,7 +223,10 @@ class CanarySection(Struct, kw_only=True, forbid_unknown_fields=True):
         "Canary traffic share of each stage, in percent, ending at 100.")] = \
         field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0])
     min_samples: Annotated[int, doc(
-        "Canary calls a stage needs before it is judged.", ge=10)] = 200
+        "Canary calls a stage needs before it is judged (and can fail).", ge=10)] = 200
+    promote_min_samples: Annotated[int, doc(
+        "Canary calls a stage needs before a pass moves it on, so that a harmful change is "
+        "not waved through on thin evidence.", ge=10)] = 2500
     confidence: Annotated[float, doc(
         "Confidence of the judge's intervals (Mann-Whitney, proportions).", gt=0.5, lt=1)] = 0.98
     stage_timeout_intervals: Annotated[int, doc(

@@ -1,12 +1,5 @@
-"""The processor service: windows, analyzers, decisions. Filled in by the processor issue; until
-then it runs, heartbeats and reports that it processes nothing."""
-from __future__ import annotations
+"""The processor service: event-time windows over the event log, analyzers, decisions and
+canary rollouts (``worker``, whose pure state is ``core``)."""
+from workers.processor.worker import ProcessorWorker
 
-from typing import Any
-
-from workers.runtime import Worker
-
-
-class ProcessorWorker(Worker):
-    def status(self) -> dict[str, Any]:
-        return {"processing": "not implemented yet"}
+__all__ = ["ProcessorWorker"]

@@ -278,12 +278,8 @@ class Aggregate:
             self.uncosted += 1
         else:
             self.cost_usd += cost
-        quality = event.quality
-        if quality is not None:
-            self.quality_n += 1
-            delta = quality - self.quality_mean
-            self.quality_mean += delta / self.quality_n
-            self.quality_m2 += delta * (quality - self.quality_mean)
+        if event.quality is not None:
+            self.add_quality(event.quality)
         if event.cache_hit is not None:
             self.cache_known += 1
             if event.cache_hit:
@@ -298,6 +294,13 @@ class Aggregate:
             self.first_ns = time_ns
         elif time_ns > self.last_ns:
             self.last_ns = time_ns
+
+    def add_quality(self, quality: float) -> None:
+        """A quality score that arrived after its call (feedback): one more observation."""
+        self.quality_n += 1
+        delta = quality - self.quality_mean
+        self.quality_mean += delta / self.quality_n
+        self.quality_m2 += delta * (quality - self.quality_mean)
 
     def _flush(self) -> None:
         if self._pending_latency:

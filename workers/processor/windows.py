@@ -189,6 +189,16 @@ class WindowedAggregator:
                     self._close(previous, watermark)
         return "accepted"
 
+    def add_quality(self, key: KeyT, time_ns: int, quality: float) -> str:
+        """A quality score for an earlier event of ``key`` at ``time_ns`` (feedback):
+        "accepted" into the windows still open, or "late" when they have all closed."""
+        keys = self._panes.get(time_ns - time_ns % self.pane_ns)
+        agg = keys.get(key) if keys is not None else None
+        if agg is None:
+            return "late"
+        agg.add_quality(quality)
+        return "accepted"
+
     def _close(self, previous: int, watermark: int) -> None:
         """Materialize the windows ending in (previous, watermark], the watermark's step,
         then forget the panes no open window needs."""

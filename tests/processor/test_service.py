@@ -1,0 +1,185 @@
+"""The processor service in a running optimizerd: events posted to the collector come out as
+closed windows in storage, duplicates dropped, feedback joined; a SIGKILLed processor resumes
+from its checkpoint and ends with exactly the windows an uninterrupted run computes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import urllib.request
+
+import msgspec
+import numpy as np
+import pytest
+
+from ipc import storage as s
+from ipc import window_series as ws
+from ipc.config import ProcessorSection
+from ipc.events import parse_json_event
+from ipc.prices import shipped_prices
+from tests.conftest import wait_until
+from workers.processor.core import ProcessorCore
+from workers.storage_client import SyncStorageClient
+
+pytestmark = pytest.mark.timeout(120)
+
+T0 = 1_795_600_800  # 2026-11-25T10:00:00Z, seconds
+PROCESSOR = {"tumbling_window_s": 60, "sliding_window_s": 120, "sliding_step_s": 60,
+             "allowed_lateness_s": 5, "analysis_interval_s": 60}
+SERVICES = ("support-bot", "search", "summarizer")
+
+
+def make_events(n: int, seed: int, minutes: int = 8) -> list[dict]:
+    """``n`` calls spread in time order over ``minutes`` of event time."""
+    rng = np.random.default_rng(seed)
+    times = np.sort(rng.uniform(T0, T0 + minutes * 60, n))
+    events = []
+    for i, t in enumerate(times):
+        service = SERVICES[i % 3]
+        events.append({
+            "event_id": f"{seed}-{i}", "time": float(round(t, 3)), "service": service,
+            "model": "gpt-4o" if rng.random() < 0.7 else "gpt-4o-mini",
+            "input_tokens": int(rng.integers(100, 2000)),
+            "output_tokens": int(rng.integers(10, 500)),
+            "latency_ms": float(round(rng.lognormal(6.5, 0.5), 2)),
+            "status": "error" if rng.random() < 0.02 else "ok",
+            "quality": float(round(rng.beta(8, 2), 4)) if rng.random() < 0.5 else None,
+            "prompt_fingerprint": f"fp-{rng.integers(0, 50)}"})
+    return events
+
+
+def post(url: str, events: list[dict]) -> None:
+    request = urllib.request.Request(url, data=json.dumps({"events": events}).encode(),
+                                     method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert json.loads(answer.read())["accepted"] == len(events)
+
+
+def stored_windows(runtime: str) -> dict[tuple, dict]:
+    """(kind, key, start_ns) -> summary of every window the processor wrote."""
+    client = SyncStorageClient(runtime)
+    try:
+        keys = [ws.decode_key(d.body).as_tuple() for d in client.call(
+            s.DocList(ns=ws.NS, prefix="key.", limit=1000)).documents]
+        found = {}
+        for key in keys:
+            for kind in ("tumbling", "sliding"):
+                for point in client.call(s.TsRange(ns=ws.NS, series=ws.series_name(kind, key),
+                                                   start=0, end=2 ** 62)):
+                    window = ws.decode_point(point.value)
+                    found[(kind, key, window.start_ns)] = window.summary
+        return found
+    finally:
+        client.close()
+
+
+def reference_windows(events: list[dict]) -> dict[tuple, dict]:
+    """The same events through a ProcessorCore in this process, uninterrupted."""
+    core = ProcessorCore(msgspec.convert(PROCESSOR, ProcessorSection), shipped_prices())
+    prices = shipped_prices()  # the collector prices events that report no cost
+    parsed = [prices.with_cost(parse_json_event(e, i, now=T0 + 10_000))
+              for i, e in enumerate(events)]
+    done = 0
+    found = {}
+    while done < len(parsed):
+        done += core.ingest(parsed[done:])
+        for w in core.drain_windows():
+            found[(w.kind, w.key, w.start_ns)] = w.aggregate.summary()
+        if (boundary := core.due_analysis()) is not None:
+            core.analyze(boundary)
+    return found
+
+
+def same_summary(got: dict, want: dict) -> bool:
+    if got.keys() != want.keys():
+        return False
+    for name, value in want.items():
+        if isinstance(value, float):
+            if got[name] != pytest.approx(value, rel=1e-9, abs=1e-12):
+                return False
+        elif got[name] != value and name != "top_fingerprints":
+            return False
+    return True
+
+
+def processor_status(d) -> dict:
+    reply = d.request("call", {"service": "processor", "command": "info", "args": {}})
+    assert reply.ok, reply
+    return reply.result["status"]
+
+
+@pytest.fixture
+def daemon(make_daemon):
+    d = make_daemon(builtins=["storage", "collector", "processor"],
+                    extra={"processor": dict(PROCESSOR, checkpoint_interval_s=5.0)}).start()
+    d.url = f"http://{d.doc['collector']['listen']}/v1/events"
+    return d
+
+
+def test_windows_from_posted_events_with_duplicates_and_feedback(daemon):
+    events = make_events(3_000, seed=1)
+    for i in range(0, len(events), 500):
+        post(daemon.url, events[i:i + 500])
+    post(daemon.url, events[:200])  # re-sent: dropped by event id
+    wait_until(lambda: processor_status(daemon)["events"] == 3_200, 30,
+               message=lambda: repr(processor_status(daemon)))
+    status = processor_status(daemon)
+    assert status["duplicates"] == 200 and status["late"] == 0
+    want = reference_windows(events)
+    assert want, "no window closed"
+    got = wait_until(lambda: (w := stored_windows(daemon.runtime)).keys() >= want.keys() and w,
+                     15)
+    wrong = [k for k in want if not same_summary(got[k], want[k])]
+    assert not wrong, [(k, got[k], want[k]) for k in wrong[:1]]
+    tumbling = [v for k, v in want.items() if k[0] == "tumbling"]
+    assert sum(v["count"] for v in tumbling) <= 3_000
+
+    # Feedback for a recent event joins its still-open window's quality.
+    last = events[-1]
+    request = urllib.request.Request(
+        daemon.url.replace("/v1/events", "/v1/feedback"),
+        data=json.dumps({"feedback": [{"event_id": last["event_id"], "quality": 0.5},
+                                      {"event_id": "nobody", "quality": 0.5}]}).encode(),
+        method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert json.loads(answer.read())["accepted"] == 2
+    status = wait_until(lambda: (st := processor_status(daemon))["feedback"] == 1 and st, 10)
+    assert status["feedback_unmatched"] == 1
+
+
+def test_a_killed_processor_resumes_with_nothing_lost_or_counted_twice(daemon):
+    events = make_events(12_000, seed=2)
+    first, second = events[:4_000], events[4_000:]
+    for i in range(0, len(first), 500):
+        post(daemon.url, first[i:i + 500])
+    wait_until(lambda: processor_status(daemon)["events"] == len(first), 30)
+    wait_until(lambda: processor_status(daemon)["checkpoints"] >= 1, 15)  # within 5 s
+    old = daemon.services()["processor"]["pid"]
+
+    sender = threading.Thread(target=lambda: [post(daemon.url, second[i:i + 250])
+                                              for i in range(0, len(second), 250)])
+    sender.start()
+    try:
+        wait_until(lambda: processor_status(daemon)["events"] > len(first), 30)
+        os.kill(old, signal.SIGKILL)  # mid-stream, and between checkpoints (every 5 s)
+    finally:
+        sender.join(60)
+    daemon.wait_service("processor", lambda x: x["state"] == "ready" and x["pid"] != old, 30)
+    client = SyncStorageClient(daemon.runtime)
+    try:
+        length = client.call(s.LogInfo(log="llm-events")).next_offset
+    finally:
+        client.close()
+    assert length == len(events)
+    wait_until(lambda: processor_status(daemon)["positions"].get(0) == length, 30,
+               message=lambda: repr(processor_status(daemon)))
+    want = reference_windows(events)
+    got = wait_until(lambda: (w := stored_windows(daemon.runtime)).keys() >= want.keys() and w,
+                     15)
+    assert got.keys() == want.keys()
+    wrong = [k for k in want if not same_summary(got[k], want[k])]
+    assert not wrong, [(k, got[k]["count"], want[k]["count"]) for k in wrong[:3]]
+    assert daemon.services()["processor"]["restarts"] == 1
+    with open(daemon.log_path) as log:
+        assert "resumed from checkpoint" in log.read()

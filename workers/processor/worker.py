@@ -1,0 +1,289 @@
+"""The processor service: reads the event log as consumer group ``processor``, keeps the
+windows, runs the analyzers, decisions and canary rollouts at each analysis interval of event
+time, writes what comes out (``outputs``) and checkpoints its state with the log positions.
+
+The loop: poll a batch of events (and any new feedback), feed the core, persist the windows
+that closed, run each analysis boundary the watermark passed, and every
+``checkpoint_interval_s`` save the checkpoint, then commit the consumer group's offsets. A
+failure to read or write is logged and retried; the state is only ever saved whole, so a crash
+at any point resumes from the last checkpoint with nothing lost or counted twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+
+from ipc import storage as s
+from ipc.config import ProcessorSection
+from ipc.events import EventDecodeError, LLMEvent, decode_event, decode_feedback
+from ipc.prices import price_table_from_config
+from ipc.variants import LLMConfig
+from workers.eventlog import ConsumedRecord, EventLogError, open_consumer
+from workers.processor.canary import CanaryDeployer, CanarySettings, RolloutError
+from workers.processor.checkpoint import Checkpoint, CheckpointStore
+from workers.processor.configs import ConfigManager, ConfigNotFound, StorageDocStore
+from workers.processor.core import Analysis, ProcessorCore
+from workers.processor.judge import JudgeConfig
+from workers.processor.outputs import Outputs, doc_id
+from workers.processor.proposals import Entry, UnknownProposal
+from workers.runtime import Worker
+from workers.storage_client import StorageClient
+
+log = logging.getLogger("workers.processor")
+
+GROUP = "processor"
+FEEDBACK_LOG = "llm-feedback"
+BATCH = 2_000
+POLL_TIMEOUT = 0.5
+RETRY_DELAY = 1.0
+
+
+class ProcessorWorker(Worker):
+    task: asyncio.Task[None] | None = None
+    core: ProcessorCore | None = None  # None until start() has loaded the checkpoint
+    problem = ""
+
+    async def start(self) -> None:
+        section = self.context.section
+        assert isinstance(section, ProcessorSection)
+        self.section = section
+        self.storage = StorageClient(self.context.runtime_dir)
+        self.outputs = Outputs(self.storage)
+        self.checkpoints = CheckpointStore(self.storage)
+        self.prices = price_table_from_config(self.context.config.collector)
+        self.configs = ConfigManager(StorageDocStore(self.storage, "configs"))
+        rollouts = StorageDocStore(self.storage, "rollouts")
+        self.transitions: list[dict[str, Any]] = []  # emitted, not yet published
+        checkpoint = await self.checkpoints.load()
+        self.consumer = open_consumer(self.context.config, self.context.runtime_dir, GROUP)
+        if checkpoint is None:
+            self.core = ProcessorCore(section, self.prices)
+            self.deployer = CanaryDeployer(self.configs, rollouts, self.transitions.append,
+                                           canary_settings(section))
+            self.positions: dict[int, int] = {}
+            self.feedback_position = 0
+        else:
+            core_state, deployer_state = msgspec.msgpack.decode(checkpoint.state,
+                                                                type=tuple[bytes, bytes])
+            self.core = ProcessorCore.from_state_bytes(section, self.prices, core_state)
+            self.deployer = CanaryDeployer.from_state_bytes(
+                deployer_state, self.configs, rollouts, self.transitions.append)
+            self.positions = dict(checkpoint.positions)
+            self.feedback_position = checkpoint.feedback_position
+            self.consumer.resume_from(self.positions)
+            log.info("resumed from checkpoint: positions %s, watermark %d", self.positions,
+                     self.core.watermark_ns)
+        self.uncommitted: dict[int, ConsumedRecord] = {}
+        self.last_checkpoint = time.monotonic()
+        self.checkpoints_saved = 0
+        self.undecodable = 0
+        self.problem = ""
+        self.stopping = asyncio.Event()
+        self.task = asyncio.create_task(self.run(), name="processor")
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        if self.task is not None:
+            await self.task
+        await self.consumer.close()
+        await self.storage.close()
+
+    def health(self) -> tuple[str, str]:
+        return ("degraded", self.problem) if self.problem else ("ok", "")
+
+    def status(self) -> dict[str, Any]:
+        if self.core is None:
+            return {"starting": True}
+        return {**self.core.summary(), "positions": self.positions,
+                "feedback_position": self.feedback_position, "undecodable": self.undecodable,
+                "checkpoints": self.checkpoints_saved,
+                "checkpoint_bytes": self.checkpoints.saved_bytes,
+                "rollouts": sorted(self.deployer.active)}
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self.step()
+                self.problem = ""
+            except (EventLogError, s.StorageFailure) as exc:
+                self.problem = str(exc)
+                log.warning("processor: %s; retrying in %g s", exc, RETRY_DELAY)
+                await self._sleep(RETRY_DELAY)
+            except Exception as exc:
+                self.problem = f"unexpected: {exc!r}"
+                log.exception("processor step failed; retrying in %g s", RETRY_DELAY)
+                await self._sleep(RETRY_DELAY)
+        try:
+            await self.checkpoint()
+        except (EventLogError, s.StorageFailure) as exc:
+            log.warning("last checkpoint failed (events since the previous one will be read "
+                        "again): %s", exc)
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def step(self) -> None:
+        records = await self.consumer.poll(BATCH, POLL_TIMEOUT)
+        events = list(self.decode(records))
+        done = 0
+        while True:
+            done += self.core.ingest(events[done:], self.deployer.observe)
+            await self.outputs.windows(self.core.drain_windows())
+            boundary = self.core.due_analysis()
+            if boundary is None:
+                break
+            await self.analyze(boundary)
+        for record in records:
+            self.positions[record.partition] = record.offset + 1
+            self.uncommitted[record.partition] = record
+        await self.read_feedback()
+        if self.uncommitted and (self.stopping.is_set() or time.monotonic()
+                                 - self.last_checkpoint >= self.section.checkpoint_interval_s):
+            await self.checkpoint()
+
+    def decode(self, records: list[ConsumedRecord]) -> Iterator[LLMEvent]:
+        for record in records:
+            try:
+                yield decode_event(record.payload)
+            except EventDecodeError as exc:
+                self.undecodable += 1
+                log.error("event log record %d/%d is not an event, skipped: %s",
+                          record.partition, record.offset, exc)
+
+    async def read_feedback(self) -> None:
+        page = await self.storage.read_log(FEEDBACK_LOG, self.feedback_position, BATCH)
+        items = []
+        for record in page.records:
+            try:
+                items.append(decode_feedback(record.payload))
+            except EventDecodeError as exc:
+                self.undecodable += 1
+                log.error("feedback record %d is not feedback, skipped: %s", record.offset, exc)
+        self.core.add_feedback(items)
+        self.feedback_position = page.next_offset
+
+    async def analyze(self, boundary: int) -> None:
+        """One analysis interval: findings, proposals, canary judgements, auto-deploys."""
+        analysis = self.core.analyze(boundary)
+        await self.deployer.advance(boundary)
+        await self.settle_transitions(boundary)
+        if self.section.decisions.auto_deploy:
+            for entry in analysis.new_proposals:
+                if entry.proposal.service not in self.deployer.active:
+                    await self.deploy(entry, boundary)
+        await self.publish(analysis)
+
+    async def publish(self, analysis: Analysis) -> None:
+        await self.outputs.findings(analysis.findings)
+        for entry in analysis.new_proposals + analysis.refreshed_proposals:
+            await self.outputs.proposal(entry.proposal.id, entry.to_dict())
+        await self.outputs.events([("proposal", e.proposal.id, analysis.boundary_ns,
+                                    e.to_dict()) for e in analysis.new_proposals])
+
+    async def deploy(self, entry: Entry, now_ns: int) -> dict[str, Any]:
+        """Start the canary rollout of a proposal."""
+        proposal = entry.proposal
+        try:
+            baseline = await self.configs.get(proposal.service)
+        except ConfigNotFound:
+            baseline = await self.configs.put(
+                LLMConfig(service=proposal.service, model=proposal.model, updated_ns=now_ns),
+                "as observed before the first rollout", 0)
+        transition = await self.deployer.start(proposal.service, rollout_id(proposal.id),
+                                               baseline, proposal.change, now_ns)
+        await self.settle_transitions(now_ns)
+        return transition.to_dict()
+
+    async def settle_transitions(self, now_ns: int) -> None:
+        """Proposal statuses and events for the rollout transitions emitted so far."""
+        items = []
+        for transition in self.transitions:
+            entry = self.proposal_of_rollout(transition["proposal_id"])
+            status = {"started": "deploying", "promoted": "promoted",
+                      "rolled_back": "rolled_back"}.get(transition["kind"])
+            if entry is not None and status is not None:
+                self.core.proposals.set_status(entry.proposal.id, status,
+                                               transition["reason"], now_ns)
+                await self.outputs.proposal(entry.proposal.id, entry.to_dict())
+            items.append(("rollout", f"{transition['proposal_id']}.{transition['kind']}."
+                          f"{transition['stage']}", transition["time_ns"], transition))
+        self.transitions.clear()
+        await self.outputs.events(items)
+
+    def proposal_of_rollout(self, rollout_proposal_id: str) -> Entry | None:
+        for entry in self.core.proposals.entries.values():
+            if rollout_id(entry.proposal.id) == rollout_proposal_id:
+                return entry
+        return None
+
+    async def checkpoint(self) -> None:
+        """Save the state with the positions it reflects, then commit the group's offsets."""
+        state = msgspec.msgpack.encode((self.core.state_to_bytes(),
+                                        self.deployer.state_to_bytes()))
+        await self.checkpoints.save(Checkpoint(dict(self.positions), self.feedback_position,
+                                               state))
+        self.checkpoints_saved += 1
+        self.last_checkpoint = time.monotonic()
+        if self.uncommitted:
+            await self.consumer.commit(list(self.uncommitted.values()))
+            self.uncommitted = {}
+
+    # --- operator commands (optimizerctl call processor ...) ------------------------------
+
+    async def admin(self, command: str, args: dict[str, Any]) -> Any:
+        now = self.core.watermark_ns
+        if command == "proposals":
+            return [e.to_dict() for e in self.core.proposals.entries.values()]
+        if command == "deploy":
+            try:
+                entry = self.core.proposals.get(str(args.get("proposal", "")))
+            except UnknownProposal as exc:
+                raise ValueError(str(exc)) from None
+            if entry.status != "open":
+                raise ValueError(f"proposal {entry.proposal.id!r} is {entry.status}, not open")
+            try:
+                return await self.deploy(entry, now)
+            except RolloutError as exc:
+                raise ValueError(str(exc)) from None
+        if command == "dismiss":
+            try:
+                entry = self.core.proposals.set_status(str(args.get("proposal", "")),
+                                                       "dismissed", "by an operator", now)
+            except UnknownProposal as exc:
+                raise ValueError(str(exc)) from None
+            await self.outputs.proposal(entry.proposal.id, entry.to_dict())
+            return entry.to_dict()
+        if command == "rollouts":
+            return {service: msgspec.to_builtins(rollout)
+                    for service, rollout in self.deployer.active.items()}
+        if command == "config":
+            try:
+                return msgspec.to_builtins(await self.configs.get(str(args.get("service", ""))))
+            except ConfigNotFound as exc:
+                raise ValueError(str(exc)) from None
+        return await super().admin(command, args)
+
+
+def rollout_id(proposal_id: str) -> str:
+    """Proposal ids hold any character (model names do); rollout documents need plain ones."""
+    return doc_id("p", proposal_id)
+
+
+def canary_settings(section: ProcessorSection) -> CanarySettings:
+    canary = section.canary
+    return CanarySettings(stages=tuple(round(pct * 100) for pct in canary.stages),
+                          interval_ns=section.analysis_interval_s * 1_000_000_000,
+                          min_samples=canary.min_samples,
+                          pass_min_samples=canary.promote_min_samples,
+                          idle_timeout_intervals=canary.stage_timeout_intervals,
+                          judge=JudgeConfig(confidence=canary.confidence, max_pairs=100_000))
