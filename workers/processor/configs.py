@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 
 from ipc import storage as s
-from ipc.config import SERVICE_NAME_PATTERN
 from ipc.variants import BASELINE, BUCKETS, OVERRIDABLE, SECTIONS, LLMConfig, merge
 
 if TYPE_CHECKING:
@@ -185,9 +184,9 @@ def _check_base(base: dict[str, Any], path: str, known_models: Collection[str] |
 
 def validate(config: LLMConfig, known_models: Collection[str] | None = None) -> None:
     """Raise InvalidConfig for the first problem, naming its field path."""
-    if not re.match(SERVICE_NAME_PATTERN, config.service):
-        raise InvalidConfig("service", f"{config.service!r} is not a service name "
-                                       f"({SERVICE_NAME_PATTERN})")
+    if not NAME_PATTERN.match(config.service):
+        raise InvalidConfig("service", f"{config.service!r}: an application's service name "
+                                       "here is 1-128 of A-Z a-z 0-9 _ . : -")
     for name in ("version", "updated_ns"):
         _non_negative(getattr(config, name), name)
     base = {key: getattr(config, key) for key in OVERRIDABLE}

@@ -3,7 +3,8 @@
 The engine re-finds an opportunity at every analysis interval while it lasts; the book keeps
 one entry per proposal id, so that it is announced once (``new``) and afterwards only its
 figures are refreshed. Its status says what happened to it: ``open`` (proposed), ``deploying``
-(a canary rollout runs), ``promoted``, ``rolled_back`` or ``dismissed`` (by an operator).
+(a canary rollout runs), ``promoted``, ``rolled_back``, ``dismissed`` (by an operator) or
+``failed`` (it could not be rolled out, e.g. an invalid change).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import msgspec
 
 from workers.processor.strategies.proposal import Proposal
 
-Status = Literal["open", "deploying", "promoted", "rolled_back", "dismissed"]
+Status = Literal["open", "deploying", "promoted", "rolled_back", "dismissed", "failed"]
 
 
 class Entry(msgspec.Struct):
@@ -54,6 +55,18 @@ class ProposalBook:
                 refreshed.append(entry)
         return new, refreshed
 
+    def next_to_deploy(self, busy: set[str]) -> list[Entry]:
+        """For auto-deploy: per service without a rollout, its best open proposal, those with
+        direct evidence first, then by savings."""
+        best: dict[str, Entry] = {}
+        for entry in self.entries.values():
+            service = entry.proposal.service
+            if entry.status != "open" or service in busy:
+                continue
+            if service not in best or _rank(entry) < _rank(best[service]):
+                best[service] = entry
+        return [best[service] for service in sorted(best)]
+
     def get(self, proposal_id: str) -> Entry:
         entry = self.entries.get(proposal_id)
         if entry is None:
@@ -74,3 +87,9 @@ class ProposalBook:
         for entry in msgspec.msgpack.decode(data, type=list[Entry]):
             book.entries[entry.proposal.id] = entry
         return book
+
+
+def _rank(entry: Entry) -> tuple[bool, float, str]:
+    proposal = entry.proposal
+    return (proposal.needs_experiment, -proposal.expected_impact.savings_usd_per_day,
+            proposal.id)

@@ -26,7 +26,13 @@ from ipc.variants import LLMConfig
 from workers.eventlog import ConsumedRecord, EventLogError, open_consumer
 from workers.processor.canary import CanaryDeployer, CanarySettings, RolloutError
 from workers.processor.checkpoint import Checkpoint, CheckpointStore
-from workers.processor.configs import ConfigManager, ConfigNotFound, StorageDocStore
+from workers.processor.configs import (
+    ConfigError,
+    ConfigManager,
+    ConfigNotFound,
+    InvalidConfig,
+    StorageDocStore,
+)
 from workers.processor.core import Analysis, ProcessorCore
 from workers.processor.judge import JudgeConfig
 from workers.processor.outputs import Outputs, doc_id
@@ -82,6 +88,7 @@ class ProcessorWorker(Worker):
         self.last_checkpoint = time.monotonic()
         self.checkpoints_saved = 0
         self.undecodable = 0
+        self.experiments = 0
         self.problem = ""
         self.stopping = asyncio.Event()
         self.task = asyncio.create_task(self.run(), name="processor")
@@ -175,13 +182,22 @@ class ProcessorWorker(Worker):
     async def analyze(self, boundary: int) -> None:
         """One analysis interval: findings, proposals, canary judgements, auto-deploys."""
         analysis = self.core.analyze(boundary)
+        await self.publish(analysis)
         await self.deployer.advance(boundary)
         await self.settle_transitions(boundary)
         if self.section.decisions.auto_deploy:
-            for entry in analysis.new_proposals:
-                if entry.proposal.service not in self.deployer.active:
-                    await self.deploy(entry, boundary)
-        await self.publish(analysis)
+            for entry in self.core.proposals.next_to_deploy(set(self.deployer.active)):
+                await self.auto_deploy(entry, boundary)
+
+    async def auto_deploy(self, entry: Entry, now_ns: int) -> None:
+        """Deploy a new proposal; one that cannot be rolled out stays open, with the reason."""
+        try:
+            await self.deploy(entry, now_ns)
+        except (RolloutError, ConfigError) as exc:
+            log.warning("auto-deploy of %s failed: %s", entry.proposal.id, exc)
+            self.core.proposals.set_status(entry.proposal.id, "failed",
+                                           f"auto-deploy failed: {exc}", now_ns)
+            await self.outputs.proposal(entry.proposal.id, entry.to_dict())
 
     async def publish(self, analysis: Analysis) -> None:
         await self.outputs.findings(analysis.findings)
@@ -201,6 +217,47 @@ class ProcessorWorker(Worker):
                 "as observed before the first rollout", 0)
         transition = await self.deployer.start(proposal.service, rollout_id(proposal.id),
                                                baseline, proposal.change, now_ns)
+        await self.settle_transitions(now_ns)
+        return transition.to_dict()
+
+    async def configure(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
+        """An operator sets a service's config (a new version; the first one registers it)."""
+        service, model = str(args.get("service", "")), str(args.get("model", ""))
+        if not service or not model:
+            raise ValueError('configure needs {"service": NAME, "model": MODEL}')
+        if service in self.deployer.active:
+            raise ValueError(f"service {service!r} has a rollout running; wait for it or let "
+                             "it roll back")
+        try:
+            current = await self.configs.get(service)
+            version = current.version
+        except ConfigNotFound:
+            version = 0
+        config = LLMConfig(service=service, model=model, updated_ns=now_ns,
+                           parameters=dict(args.get("parameters") or {}))
+        try:
+            stored = await self.configs.put(config, "set by an operator", version)
+        except InvalidConfig as exc:
+            raise ValueError(str(exc)) from None
+        return msgspec.to_builtins(stored)
+
+    async def experiment(self, service: str, change: Any, now_ns: int) -> dict[str, Any]:
+        """An operator's canary of any change (no proposal behind it), judged like the rest."""
+        if not service or not isinstance(change, dict) or not change:
+            raise ValueError('experiment needs {"service": NAME, "change": {...}}, e.g. '
+                             '{"service": "writer", "change": {"model": "claude-haiku-4-5"}}')
+        try:
+            baseline = await self.configs.get(service)
+        except ConfigNotFound:
+            raise ValueError(f"service {service!r} has no config yet; a rollout needs the "
+                             "baseline's model") from None
+        self.experiments += 1
+        try:
+            transition = await self.deployer.start(
+                service, f"experiment.{self.experiments}.{now_ns // 1_000_000_000}", baseline,
+                change, now_ns)
+        except RolloutError as exc:
+            raise ValueError(str(exc)) from None
         await self.settle_transitions(now_ns)
         return transition.to_dict()
 
@@ -241,7 +298,7 @@ class ProcessorWorker(Worker):
     # --- operator commands (optimizerctl call processor ...) ------------------------------
 
     async def admin(self, command: str, args: dict[str, Any]) -> Any:
-        now = self.core.watermark_ns
+        now = max(self.core.watermark_ns, 0)  # event time: none before the first event
         if command == "proposals":
             return [e.to_dict() for e in self.core.proposals.entries.values()]
         if command == "deploy":
@@ -263,6 +320,11 @@ class ProcessorWorker(Worker):
                 raise ValueError(str(exc)) from None
             await self.outputs.proposal(entry.proposal.id, entry.to_dict())
             return entry.to_dict()
+        if command == "configure":
+            return await self.configure(args, now)
+        if command == "experiment":
+            return await self.experiment(str(args.get("service", "")), args.get("change"),
+                                         now)
         if command == "rollouts":
             return {service: msgspec.to_builtins(rollout)
                     for service, rollout in self.deployer.active.items()}
