@@ -211,7 +211,8 @@ def restart(ctx: click.Context, service: str) -> None:
 @main.command()
 @click.argument("service")
 @click.argument("command")
-@click.option("--arg", "args", multiple=True, metavar="KEY=VALUE", help="An argument; repeat.")
+@click.option("--arg", "args", multiple=True, metavar="KEY=VALUE",
+              help="An argument (a string); KEY:=JSON for any JSON value. Repeat.")
 @click.pass_context
 def call(ctx: click.Context, service: str, command: str, args: tuple[str, ...]) -> None:
     """Run an admin COMMAND in the worker that owns SERVICE's state (e.g. `info`)."""
@@ -219,8 +220,15 @@ def call(ctx: click.Context, service: str, command: str, args: tuple[str, ...]) 
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep:
-            fail(2, f"--arg {arg!r}: expected KEY=VALUE")
-        body[key] = value
+            fail(2, f"--arg {arg!r}: expected KEY=VALUE or KEY:=JSON")
+        if key.endswith(":"):
+            key = key[:-1]
+            try:
+                body[key] = json.loads(value)
+            except ValueError as exc:
+                fail(2, f"--arg {arg!r}: the value after := is not JSON: {exc}")
+        else:
+            body[key] = value
     result = request(ctx, "call", {"service": service, "command": command, "args": body})
     click.echo(json.dumps(result, indent=2, sort_keys=True))
 

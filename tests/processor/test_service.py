@@ -183,3 +183,31 @@ def test_a_killed_processor_resumes_with_nothing_lost_or_counted_twice(daemon):
     assert daemon.services()["processor"]["restarts"] == 1
     with open(daemon.log_path) as log:
         assert "resumed from checkpoint" in log.read()
+
+
+def test_operator_commands_through_optimizerctl(daemon):
+    """configure, experiment (a JSON argument with :=), config, rollouts; a request that
+    cannot be done is exit status 2 with a message that names what is wrong."""
+    r = daemon.ctl("call", "processor", "configure", "--arg", "service=writer",
+                   "--arg", "model=claude-sonnet-4-5")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["version"] == 1
+    r = daemon.ctl("call", "processor", "experiment", "--arg", "service=writer",
+                   "--arg", 'change:={"model": "claude-haiku-4-5"}')
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["kind"] == "started"
+    config = json.loads(daemon.ctl("call", "processor", "config",
+                                   "--arg", "service=writer").stdout)
+    assert config["version"] == 2 and config["variants"][0]["name"] == "canary"
+    assert config["variants"][0]["overrides"] == {"model": "claude-haiku-4-5"}
+    rollouts = json.loads(daemon.ctl("call", "processor", "rollouts").stdout)
+    assert list(rollouts) == ["writer"]
+
+    r = daemon.ctl("call", "processor", "experiment", "--arg", "service=writer",
+                   "--arg", 'change:={"model": "x"}')
+    assert r.returncode == 2 and "already has an active rollout" in r.stderr
+    r = daemon.ctl("call", "processor", "experiment", "--arg", "service=writer",
+                   "--arg", "change:={not json")
+    assert r.returncode == 2 and "not JSON" in r.stderr
+    r = daemon.ctl("call", "processor", "config", "--arg", "service=nobody")
+    assert r.returncode == 2 and "no config for service 'nobody'" in r.stderr
