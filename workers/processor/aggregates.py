@@ -339,15 +339,21 @@ class Aggregate:
             self.uncosted += 1
         else:
             self.cost_usd += cost
-        if event.quality is not None:
-            self.add_quality(event.quality)
-        if event.cache_hit is not None:
+        quality = event.quality
+        if quality is not None:  # add_quality, inlined: this is every event's path
+            n = self.quality_n = self.quality_n + 1
+            delta = quality - self.quality_mean
+            self.quality_mean += delta / n
+            self.quality_m2 += delta * (quality - self.quality_mean)
+        cache_hit = event.cache_hit
+        if cache_hit is not None:
             self.cache_known += 1
-            if event.cache_hit:
+            if cache_hit:
                 self.cache_hits += 1
-        if event.prompt_fingerprint is not None:
+        fingerprint = event.prompt_fingerprint
+        if fingerprint is not None:
             self.fingerprint_calls += 1
-            self.fingerprints.add(event.prompt_fingerprint)
+            self.fingerprints.add(fingerprint)
         time_ns = event.time_ns
         if self.first_ns is None:
             self.first_ns = self.last_ns = time_ns

@@ -155,15 +155,18 @@ class SpaceSaving:
         else:
             counts, errors = {}, {}
             rest = zip(parts, pads, strict=True)
+        get = counts.get
         for part, pad in rest:
             part_errors = part._errors
+            fresh = total_pad - pad  # what an item new here had in the parts before
             for item, count in part._counts.items():
-                if item in counts:
-                    counts[item] += count - pad
-                    errors[item] += part_errors[item] - pad
+                have = get(item)
+                if have is None:
+                    counts[item] = count + fresh
+                    errors[item] = part_errors[item] + fresh
                 else:
-                    counts[item] = count - pad + total_pad
-                    errors[item] = part_errors[item] - pad + total_pad
+                    counts[item] = have + count - pad
+                    errors[item] += part_errors[item] - pad
         summary = cls(capacity)
         summary._counts, summary._errors = _truncate(counts, errors, capacity)
         summary._buckets = None
