@@ -42,7 +42,7 @@ CANARY = "canary"
 CONTINUOUS = ("latency_ms", "quality", "cost_usd")  # reservoir-sampled; "errors" is counted
 METRIC_NAMES = frozenset({"errors", *CONTINUOUS})
 DEFAULT_METRICS = (
-    MetricSpec("errors", "increase_is_bad", tolerance=0.005, critical=True, kind="proportion"),
+    MetricSpec("errors", "increase_is_bad", tolerance=0.004, critical=True, kind="proportion"),
     MetricSpec("latency_ms", "increase_is_bad", tolerance=0.10),
     MetricSpec("quality", "decrease_is_bad", tolerance=0.02, critical=True),
     MetricSpec("cost_usd", "increase_is_bad", tolerance=0.05),
@@ -76,7 +76,7 @@ class CanarySettings(Struct, frozen=True):
     pass_min_samples: int = 2500  # canary calls in a stage before a pass advances it
     idle_timeout_intervals: int = 10  # intervals without a canary call before a rollback
     reservoir_capacity: int = 4000  # kept values per side and continuous metric
-    judge: JudgeConfig = JudgeConfig(confidence=0.95, max_pairs=100_000)
+    judge: JudgeConfig = JudgeConfig(confidence=0.98, max_pairs=100_000)
     metrics: tuple[MetricSpec, ...] = DEFAULT_METRICS
 
     def __post_init__(self) -> None:
