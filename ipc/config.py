@@ -265,10 +265,46 @@ class ProcessorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True)
         "How changes are rolled out.")] = field(default_factory=CanarySection)
 
 
+class JwtSection(Struct, kw_only=True, forbid_unknown_fields=True):
+    """[rest_api.jwt]: bearer tokens. Keys come from files (or the environment), never from
+    this file."""
+
+    issuer: Annotated[str, doc(
+        "Required iss claim. Empty: JWTs are not accepted (API keys only).")] = ""
+    audience: Annotated[str, doc("Required aud claim.")] = "llm-optimizer"
+    algorithms: Annotated[list[Literal["HS256", "RS256", "ES256"]], doc(
+        "Accepted signature algorithms.")] = field(default_factory=lambda: ["HS256"])
+    secret_file: Annotated[str, doc(
+        "HS256 shared secret, in a file (or LLM_OPTIMIZER__REST_API__JWT__SECRET_FILE).")] = ""
+    public_key_file: Annotated[str, doc("RS256/ES256 verification key (PEM).")] = ""
+    private_key_file: Annotated[str, doc(
+        "RS256/ES256 signing key (PEM), for `optimizerctl token create` only.")] = ""
+    leeway_s: Annotated[float, doc("Clock skew allowed on exp/nbf/iat.", ge=0)] = 30.0
+    max_ttl_s: Annotated[int, doc("Longest token lifetime accepted and issued.", ge=60)] = 86400
+
+
 class RestApiSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
     entrypoint: str = "workers.rest_api:RestApiWorker"
     depends_on: list[str] = field(default_factory=lambda: ["processor", "storage"])
     listen: Annotated[str, doc("REST API.", pattern=LISTEN_PATTERN)] = "127.0.0.1:8080"
+    max_body_kb: Annotated[int, doc("Largest request body, in KiB (413 beyond).",
+                                    ge=1)] = 1024
+    request_timeout_s: Annotated[float, doc("A request taking longer answers 503.",
+                                            gt=0)] = 30.0
+    max_in_flight: Annotated[int, doc(
+        "Requests handled at once per process; beyond it 503 with Retry-After.", ge=1)] = 256
+    cors_origins: Annotated[list[str], doc(
+        "Origins allowed by CORS (exact, e.g. https://console.example.com). Empty: none.")] = \
+        field(default_factory=list)
+    rate_limit_per_s: Annotated[float, doc(
+        "Requests a second per API key or token subject (token bucket); 429 beyond. "
+        "0: no limit.", ge=0)] = 50.0
+    rate_limit_burst: Annotated[int, doc("Requests above the rate allowed at once.",
+                                         ge=1)] = 100
+    rate_limit_storage: Annotated[str, doc(
+        "Where rate-limit counters live: empty for this process's memory, or a redis:// URL "
+        "so that several processes and replicas share them.")] = ""
+    jwt: Annotated[JwtSection, doc("Bearer tokens (JWT).")] = field(default_factory=JwtSection)
 
 
 class GrpcApiSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
