@@ -166,6 +166,9 @@ class ProcessorCore:
         return {**vars_of(self.counters), "watermark_ns": self.watermark_ns,
                 "open_panes": self.windows.open_panes, "keys": len(self.history),
                 "dedup_ids": len(self.dedup), "last_analysis_ns": self.last_analysis_ns,
+                "partly_late": self.windows.partly_late_count,
+                "late_recent": [{"event_id": e, "time_ns": t, "watermark_ns": w}
+                                for e, t, w in list(self.windows.late_samples)[-5:]],
                 "proposals": by_status}
 
     # --- checkpoint -----------------------------------------------------------------------
