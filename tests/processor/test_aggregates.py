@@ -57,6 +57,33 @@ def test_quantiles_within_one_percent_of_numpy():
     assert Aggregate().quantile(0.5) is None
 
 
+def test_summary_quantiles_and_bins_match_the_library():
+    """summary() reads its quantiles from one cumulative sum and buffered values are binned
+    in bulk: the same bins as the library's own add, and the same quantile values as its
+    get_quantile_value, for small and full buffers, zeros included."""
+    from ddsketch import LogCollapsingLowestDenseDDSketch
+
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 127, 128, 129, 2_000):
+        latencies = [float(v) for v in rng.lognormal(5.0, 1.5, n)]
+        latencies[0] = 0.0
+        agg = aggregate([make_event(i, v, ttft_ms=v / 4) for i, v in enumerate(latencies)])
+        library = LogCollapsingLowestDenseDDSketch(0.01, 2048)
+        for value in latencies:
+            library.add(value)
+        ours = agg.latency
+        assert ours.count == library.count and ours._zero_count == library._zero_count
+        low, high = library._store.min_key, library._store.max_key
+        assert (ours._store.min_key, ours._store.max_key) == (low, high)
+        keys = range(low, high + 1) if library._store.count else range(0)
+        assert [ours._store.bins[k - ours._store.offset] for k in keys] == \
+            [library._store.bins[k - library._store.offset] for k in keys]
+        summary = agg.summary()
+        for name, q in (("p50_ms", 0.5), ("p95_ms", 0.95), ("p99_ms", 0.99)):
+            assert summary[name] == ours.get_quantile_value(q) == library.get_quantile_value(q)
+        assert summary["ttft_p95_ms"] == agg.ttft.get_quantile_value(0.95)
+
+
 def test_counts_sums_and_rates():
     events = random_events(1000, seed=2)
     s = aggregate(events).summary()
