@@ -303,7 +303,7 @@ class Authenticator:
 
 
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
-PRINCIPAL_KEY = "principal"
+PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 
 PlainHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -23,7 +23,7 @@ log = logging.getLogger("workers.rest_api")
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 TYPE_PREFIX = "urn:llm-optimizer:problem:"  # a URN: a stable name that does not pretend to resolve
 REQUEST_ID_HEADER = "X-Request-Id"
-REQUEST_ID_KEY = "request_id"
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 # A client's id is echoed into logs and headers: only short, plain ids are taken as they are.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # msgspec says "... - at `$.change.model`"; the path a client sees is "change.model".
