@@ -34,7 +34,7 @@ _MSGSPEC_FIELD = re.compile(r"(?:missing required|unknown) field `(?P<field>[^`]
 class ProblemDetails(msgspec.Struct, kw_only=True, omit_defaults=True):
     """The body of every error answer (RFC 9457); documented once in the OpenAPI document."""
 
-    type: str = "about:blank"
+    type: str  # always sent, although RFC 9457 lets "about:blank" be left out
     title: str
     status: int
     detail: str

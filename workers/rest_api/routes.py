@@ -102,7 +102,8 @@ class RouteTable:
         for other in self.routes:
             if other.operation_id == route.operation_id:
                 raise ValueError(f"two routes share the handler name {route.operation_id!r}")
-            if (other.method, other.openapi_path) == (route.method, route.openapi_path):
+            if (other.method, _PATH_PARAM.sub("{}", other.path)) == \
+                    (route.method, _PATH_PARAM.sub("{}", route.path)):
                 raise ValueError(f"{route.method} {route.path} is declared twice")
         self.routes.append(route)
         return route
