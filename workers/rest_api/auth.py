@@ -58,6 +58,7 @@ class Role(enum.Enum):
 
 
 _RANKS = {role: rank for rank, role in enumerate(Role)}
+_ROLE_NAMES = frozenset(role.value for role in Role)
 
 
 class AuthFailure(enum.StrEnum):
@@ -123,7 +124,7 @@ def role_from_claims(claims: Mapping[str, Any]) -> Role:
         names = [claims["role"]]
     elif isinstance(claims.get("roles"), list):
         names = claims["roles"]
-    known = [Role(n) for n in names if isinstance(n, str) and n in Role._value2member_map_]
+    known = [Role(n) for n in names if isinstance(n, str) and n in _ROLE_NAMES]
     if not known:
         raise AuthError(403, AuthFailure.UNKNOWN_ROLE,
                         f"the token names no known role (one of "
