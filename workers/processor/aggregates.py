@@ -3,8 +3,9 @@
 Why this shape: the processor keeps one ``Aggregate`` per pane and key and builds every window
 by merging panes, so each statistic is one that merges exactly or within a known error:
 counts and sums, DDSketch quantiles (1% relative accuracy, mergeable bin by bin), Welford's
-quality mean and variance (Chan et al.'s parallel formula) and a Space-Saving summary of prompt
-fingerprints. Memory is bounded whatever the event count: the sketches are capped at
+quality mean and variance (Chan et al.'s parallel formula), a Space-Saving summary of the top
+prompt fingerprints and a HyperLogLog count of the distinct ones (for the repeat share).
+Memory is bounded whatever the event count: the sketches are capped at
 ``BIN_LIMIT`` bins (the lowest collapse first, which never touches p50..p99 in practice),
 ``errors_by_type`` at ``MAX_ERROR_TYPES`` names and the fingerprints at their capacity.
 
@@ -28,6 +29,7 @@ from ddsketch.store import CollapsingLowestDenseStore
 from msgspec import Struct
 
 from ipc.events import LLMEvent
+from workers.processor.distinct import DistinctCounter, DistinctDecodeError
 from workers.processor.heavy_hitters import HeavyHittersDecodeError, SpaceSaving
 
 KeyT = tuple[str, str, str, str]  # (service, model, variant or "", operation)
@@ -170,6 +172,7 @@ class _State(Struct, array_like=True):
     fingerprint_calls: int
     fingerprint_capacity: int
     fingerprints: list[tuple[str, int, int]]
+    distinct: bytes
     first_ns: int | None
     last_ns: int | None
     pending_latency: list[float]
@@ -296,7 +299,7 @@ class Aggregate:
     __slots__ = ("count", "errors", "errors_by_type", "_latency", "_ttft", "_pending_latency",
                  "_pending_ttft", "tokens_in", "tokens_out", "cost_usd", "uncosted",
                  "quality_n", "quality_mean", "quality_m2", "cache_hits", "cache_known",
-                 "fingerprint_calls", "fingerprints", "first_ns", "last_ns")
+                 "fingerprint_calls", "fingerprints", "distinct", "first_ns", "last_ns")
 
     def __init__(self, fingerprint_capacity: int = FINGERPRINT_CAPACITY):
         self.count = 0
@@ -318,6 +321,7 @@ class Aggregate:
         self.cache_known = 0  # events that said whether they hit the cache
         self.fingerprint_calls = 0
         self.fingerprints = SpaceSaving(fingerprint_capacity)
+        self.distinct = DistinctCounter()  # distinct fingerprints, for the repeat share
         self.first_ns: int | None = None
         self.last_ns: int | None = None
 
@@ -354,6 +358,7 @@ class Aggregate:
         if fingerprint is not None:
             self.fingerprint_calls += 1
             self.fingerprints.add(fingerprint)
+            self.distinct.add(fingerprint)
         time_ns = event.time_ns
         if self.first_ns is None:
             self.first_ns = self.last_ns = time_ns
@@ -404,6 +409,7 @@ class Aggregate:
         if other.ttft is not None:
             self._ttft = _merged_sketch([s for s in (self.ttft, other.ttft) if s is not None])
         self.fingerprints.merge(other.fingerprints)
+        self.distinct.merge(other.distinct)
 
     @classmethod
     def merged(cls, parts: list[Aggregate]) -> Aggregate:
@@ -418,6 +424,8 @@ class Aggregate:
         agg._ttft = _merged_sketch(ttfts) if ttfts else None
         agg.fingerprints = SpaceSaving.merged([part.fingerprints for part in parts],
                                               agg.fingerprints.capacity)
+        for part in parts:
+            agg.distinct.merge(part.distinct)
         return agg
 
     def _merge_counters(self, other: Aggregate) -> None:
@@ -462,11 +470,13 @@ class Aggregate:
 
     @property
     def repeat_share(self) -> float | None:
-        """Share of fingerprinted calls whose fingerprint was seen before in the window (a
-        lower bound once more distinct fingerprints arrive than the summary holds)."""
+        """Share of calls with a fingerprint whose prompt was already seen in this aggregate:
+        1 - distinct / calls, with the distinct count from a HyperLogLog sketch (a few
+        percent of error, whatever the number of distinct prompts)."""
         if not self.fingerprint_calls:
             return None
-        return self.fingerprints.repeats() / self.fingerprint_calls
+        distinct = min(self.distinct.estimate(), self.fingerprint_calls)
+        return max(0.0, 1.0 - distinct / self.fingerprint_calls)
 
     def summary(self) -> dict:
         """JSON-able figures; a rate or mean with nothing to divide by is None."""
@@ -509,7 +519,8 @@ class Aggregate:
             self.tokens_in, self.tokens_out, self.cost_usd, self.uncosted, self.quality_n,
             self.quality_mean, self.quality_m2, self.cache_hits, self.cache_known,
             self.fingerprint_calls, self.fingerprints.capacity, self.fingerprints.to_list(),
-            self.first_ns, self.last_ns, self._pending_latency, self._pending_ttft))
+            self.distinct.to_bytes(), self.first_ns, self.last_ns, self._pending_latency,
+            self._pending_ttft))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Aggregate:
@@ -535,6 +546,10 @@ class Aggregate:
             state.quality_n, state.quality_mean, state.quality_m2
         agg.cache_hits, agg.cache_known = state.cache_hits, state.cache_known
         agg.fingerprint_calls = state.fingerprint_calls
+        try:
+            agg.distinct = DistinctCounter.from_bytes(state.distinct)
+        except DistinctDecodeError as exc:
+            raise AggregateDecodeError(f"distinct fingerprints: {exc}") from None
         agg.first_ns, agg.last_ns = state.first_ns, state.last_ns
         agg._pending_latency, agg._pending_ttft = state.pending_latency, state.pending_ttft
         return agg
