@@ -264,5 +264,120 @@ def restore(ctx: click.Context, path: str, wait: float) -> None:
     click.echo(f"restored {result['keys']} keys from {result['restored_from']}")
 
 
+
+# --- API keys and tokens of the REST API -----------------------------------------------------
+# API keys are read and written in the storage worker directly (as the REST API does), so that
+# keys can be made before the REST API runs, e.g. the first admin key. Imports are lazy: these
+# commands need the REST API's modules, ``status`` must stay fast.
+
+class _SyncCaller:
+    """The async ``call`` the API key store expects, over a blocking storage client."""
+
+    def __init__(self, runtime: str, timeout: float) -> None:
+        from workers.storage_client import SyncStorageClient
+        self.client = SyncStorageClient(runtime, timeout)
+
+    async def call(self, op: Any, timeout: float | None = None) -> Any:
+        return self.client.call(op, timeout)
+
+
+def with_key_store(ctx: click.Context, action: Any) -> Any:
+    """Run ``action(store)`` (a coroutine function) on the daemon's API key store."""
+    import asyncio
+
+    from ipc.storage import StorageFailure, StorageTimeout
+    from workers.rest_api.api_keys import ApiKeyStore
+
+    client: Client = ctx.obj
+    caller = _SyncCaller(client.runtime, client.timeout)
+    try:
+        return asyncio.run(action(ApiKeyStore(caller)))
+    except StorageTimeout as exc:
+        fail(1, f"the storage worker did not answer ({exc}); is optimizerd running?")
+    except StorageFailure as exc:
+        fail(1, f"storage: {exc}")
+    finally:
+        caller.client.close()
+
+
+ROLES = click.Choice(["viewer", "operator", "admin"])
+
+
+@main.group("api-key")
+def api_key() -> None:
+    """API keys of the REST API (stored hashed; a key is shown once, at creation)."""
+
+
+@api_key.command("create")
+@click.option("--role", required=True, type=ROLES, help="What the key may do.")
+@click.option("--name", default="", help="Who or what uses the key (default: the role).")
+@click.option("--json", "as_json", is_flag=True, help='{"id", "name", "role", "key"}.')
+@click.pass_context
+def api_key_create(ctx: click.Context, role: str, name: str, as_json: bool) -> None:
+    """Create a key; it is printed once, alone on the last line."""
+    from workers.rest_api.auth import Role
+
+    record, key = with_key_store(ctx, lambda store: store.create(name or role, Role(role)))
+    if as_json:
+        click.echo(json.dumps({"id": record.id, "name": record.name, "role": record.role.value,
+                               "key": key}))
+    else:
+        click.echo(f"API key {record.id} ({record.name}, {record.role.value}); store it now, "
+                   "it is not shown again:")
+        click.echo(key)
+
+
+@api_key.command("list")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list.")
+@click.pass_context
+def api_key_list(ctx: click.Context, as_json: bool) -> None:
+    """Every key (never its secret), revoked ones included."""
+    keys = with_key_store(ctx, lambda store: store.list())
+    rows = [{"id": k.id, "name": k.name, "role": k.role.value, "created_ms": k.created_ms,
+             "revoked": k.revoked} for k in keys]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for row in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created_ms"] / 1000))
+        state = "revoked" if row["revoked"] else "active"
+        click.echo(f"{row['id']}  {row['role']:<8}  {state:<7}  {created}  {row['name']}")
+
+
+@api_key.command("revoke")
+@click.argument("key_id")
+@click.pass_context
+def api_key_revoke(ctx: click.Context, key_id: str) -> None:
+    """Revoke a key (idempotent); every API process refuses it within seconds."""
+    record = with_key_store(ctx, lambda store: store.revoke(key_id))
+    if record is None:
+        fail(2, f"no API key {key_id!r}")
+    click.echo(f"API key {record.id} ({record.name}) revoked")
+
+
+@main.group()
+def token() -> None:
+    """JWTs for the REST API, signed with the key of [rest_api.jwt]."""
+
+
+@token.command("create")
+@click.option("--subject", required=True, help="The sub claim: who the token is for.")
+@click.option("--role", required=True, type=ROLES)
+@click.option("--ttl", type=int, default=3600, show_default=True, help="Lifetime, seconds.")
+@click.pass_context
+def token_create(ctx: click.Context, subject: str, role: str, ttl: int) -> None:
+    """Print a signed token (needs the config file, for [rest_api.jwt] and its key files)."""
+    from ipc.config_loader import ConfigError, load_config
+    from workers.rest_api.auth import JwtIssuer, Role
+
+    config_path = ctx.find_root().params.get("config_path")
+    try:
+        issuer = JwtIssuer(load_config(config_path).rest_api.jwt)
+        click.echo(issuer.issue(subject, Role(role), ttl))
+    except ConfigError as exc:
+        fail(2, f"config error: {exc}")
+    except (ValueError, OSError) as exc:
+        fail(2, f"cannot sign a token: {exc}")
+
 if __name__ == "__main__":
     main()

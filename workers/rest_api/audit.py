@@ -1,0 +1,66 @@
+"""The audit trail: every state-changing call (who, role, method, path, status, time), appended
+to the storage log ``rest-audit`` once it has been answered, and read back by
+``GET /v1/admin/audit``. Only the route and the caller's identity are kept: never bodies nor
+credentials. A failure to record is logged and does not fail the call that was made.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from ipc import storage as s
+from workers.rest_api.auth import PRINCIPAL_KEY
+from workers.rest_api.problems import request_id
+from workers.storage_client import StorageClient
+
+log = logging.getLogger("workers.rest_api")
+AUDIT_LOG = "rest-audit"
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class AuditRecord(msgspec.Struct, kw_only=True):
+    time_ms: int
+    method: str
+    path: str
+    status: int
+    request_id: str
+    subject: str | None = None  # None: the caller was not authenticated
+    role: str | None = None
+    via: str | None = None
+    key_id: str | None = None
+    offset: int | None = None  # filled in when read back
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AuditRecord)
+
+
+def decode(record: s.LogRecord) -> AuditRecord:
+    return msgspec.structs.replace(_decoder.decode(record.payload), offset=record.offset)
+
+
+def make_audit(storage: StorageClient) -> Middleware:
+    @web.middleware
+    async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        if request.method in WRITES and request.path.startswith("/v1/"):
+            principal = request.get(PRINCIPAL_KEY)
+            record = AuditRecord(time_ms=int(time.time() * 1000), method=request.method,
+                                 path=request.path, status=response.status,
+                                 request_id=request_id(request))
+            if principal is not None:
+                record = msgspec.structs.replace(
+                    record, subject=principal.subject, role=principal.role.value,
+                    via=principal.via, key_id=principal.key_id)
+            try:
+                await storage.append(AUDIT_LOG, [_encoder.encode(record)])
+            except s.StorageFailure as exc:
+                log.error("audit record of %s %s (request %s) not stored: %s", request.method,
+                          request.path, record.request_id, exc)
+        return response
+
+    return audit

@@ -1,0 +1,146 @@
+"""HTTP concerns around every operation: metrics, the in-flight bound and request timeout,
+CORS, response compression, and storage failures as 503 problems.
+
+Streams (SSE) are exempt from the timeout and the in-flight bound: they are long by design and
+bounded by their own per-client queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Collection
+
+import brotli
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import Counter, Gauge, Histogram
+
+from ipc import storage as s
+from workers.rest_api.problems import Problem
+
+REQUESTS = Counter("rest_api_requests", "REST requests answered, by route, method and status.",
+                   ["route", "method", "status"])
+LATENCY = Histogram("rest_api_request_seconds", "REST request handling time, by route.",
+                    ["route"], buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5,
+                                        5, 10, 30))
+IN_FLIGHT = Gauge("rest_api_in_flight", "REST requests being handled.",
+                  multiprocess_mode="livesum")
+COMPRESS_MIN_BYTES = 1024
+_BR = re.compile(r"(?:^|,)\s*br\s*(?:;\s*q\s*=\s*(?P<q>[0-9.]+))?\s*(?:,|$)")
+
+
+def route_label(request: web.Request) -> str:
+    """The route template, never the raw path: ids in paths must not explode the series."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def is_stream(request: web.Request) -> bool:
+    return request.path.endswith("/stream")
+
+
+def make_limits(max_in_flight: int, timeout_s: float) -> Middleware:
+    """Metrics, ``max_in_flight`` (503 + Retry-After beyond) and ``request_timeout_s``."""
+    in_flight = 0
+
+    @web.middleware
+    async def limits(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal in_flight
+        started = time.perf_counter()
+        stream = is_stream(request)
+        status = 500
+        try:
+            if stream:
+                response = await handler(request)
+            else:
+                if in_flight >= max_in_flight:
+                    raise Problem(503, "Service Unavailable", f"more than {max_in_flight} "
+                                  "requests in flight; retry shortly", retry_after=1,
+                                  type_suffix="overloaded")
+                in_flight += 1
+                IN_FLIGHT.inc()
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        response = await handler(request)
+                except TimeoutError:
+                    raise Problem(503, "Service Unavailable", f"the request took longer than "
+                                  f"{timeout_s:g} s", retry_after=1,
+                                  type_suffix="timeout") from None
+                finally:
+                    in_flight -= 1
+                    IN_FLIGHT.dec()
+        except Problem as exc:
+            response = exc.response(request)
+        status = response.status
+        route = route_label(request)
+        REQUESTS.labels(route, request.method, str(status)).inc()
+        if not stream:
+            LATENCY.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    return limits
+
+
+@web.middleware
+async def storage_problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Inside problem_middleware: an unreachable or refusing storage is 503, not 500."""
+    try:
+        return await handler(request)
+    except (s.Unavailable, s.StorageTimeout) as exc:
+        raise Problem(503, "Service Unavailable", f"storage: {exc}", retry_after=1,
+                      type_suffix="storage-unavailable") from None
+
+
+def make_cors(origins: Collection[str]) -> Middleware:
+    """Exact-origin CORS; preflights are answered here, before routing."""
+    allowed = frozenset(origins)
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        if origin is None or origin not in allowed:
+            return await handler(request)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response: web.StreamResponse = web.Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE",
+                "Access-Control-Allow-Headers": "Authorization, X-API-Key, Content-Type, "
+                                                "X-Request-Id, Last-Event-ID",
+                "Access-Control-Max-Age": "600"})
+        else:
+            response = await handler(request)
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
+        response.headers.add("Vary", "Origin")
+        return response
+
+    return cors
+
+
+def _wants_brotli(accept_encoding: str) -> bool:
+    found = _BR.search(accept_encoding.lower())
+    if found is None:
+        return False
+    try:
+        return found["q"] is None or float(found["q"]) > 0
+    except ValueError:
+        return False
+
+
+@web.middleware
+async def compression(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """br when the client takes it (aiohttp itself offers gzip and deflate only), else
+    aiohttp's gzip/deflate negotiation; small and streamed answers are sent as they are."""
+    response = await handler(request)
+    if (not isinstance(response, web.Response) or response.prepared
+            or response.body is None or not isinstance(response.body, bytes)
+            or len(response.body) < COMPRESS_MIN_BYTES
+            or "Content-Encoding" in response.headers):
+        return response
+    if _wants_brotli(request.headers.get("Accept-Encoding", "")):
+        response.body = brotli.compress(response.body, quality=4)
+        response.headers["Content-Encoding"] = "br"
+        response.headers.add("Vary", "Accept-Encoding")
+    else:
+        response.enable_compression()
+    return response
