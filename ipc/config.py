@@ -214,6 +214,9 @@ class DecisionsSection(Struct, kw_only=True, forbid_unknown_fields=True):
         "Calls a model must have been seen on before its figures count.", ge=1)] = 200
     auto_deploy: Annotated[bool, doc(
         "Start a canary rollout for a proposal at once, without an operator.")] = False
+    every_intervals: Annotated[int, doc(
+        "Run the decision engine every this many analysis intervals: its inputs are "
+        "lookbacks of many windows, which one interval barely moves.", ge=1)] = 5
 
 
 class CanarySection(Struct, kw_only=True, forbid_unknown_fields=True):

@@ -151,9 +151,11 @@ class ProcessorCore:
         windows."""
         findings = self.findings.analyze(self.history.items(), boundary_ns,
                                          self.last_analysis_ns)
-        proposals = self.engine.propose(self.engine.views(dict(self.history.items())),
-                                        boundary_ns)
-        new, refreshed = self.proposals.update(proposals, boundary_ns)
+        new, refreshed = [], []
+        if boundary_ns // self.analysis_ns % self.section.decisions.every_intervals == 0:
+            proposals = self.engine.propose(self.engine.views(dict(self.history.items())),
+                                            boundary_ns)
+            new, refreshed = self.proposals.update(proposals, boundary_ns)
         self.last_analysis_ns = boundary_ns
         self.next_analysis_ns = boundary_ns + self.analysis_ns
         return Analysis(boundary_ns, findings, new, refreshed)

@@ -5,7 +5,8 @@ A regression lasting an hour would otherwise be reported again at every analysis
 A finding is identified by its kind and key: while the analyzers keep finding it at every
 interval it is the same finding (its document gets a new version with the latest evidence, no
 new notification); once an interval passes without it, it is resolved, and a later occurrence
-is a new finding with a new id.
+is a new finding with a new id. A key without a new window since the last analysis is not
+analyzed again: its findings stand as they were.
 """
 from __future__ import annotations
 
@@ -52,13 +53,23 @@ class _Active(msgspec.Struct, array_like=True):
 class FindingTracker:
     def __init__(self) -> None:
         self._active: dict[tuple[str, str], _Active] = {}  # (kind, key digest) -> active
+        self._analyzed_end: dict[str, int] = {}  # key digest -> newest window end analyzed
         self.analyzer_errors = 0
 
     def analyze(self, history: Iterable[tuple[KeyT, list[dict]]], boundary_ns: int,
                 previous_boundary_ns: int | None) -> list[FindingUpdate]:
         updates = []
+        seen: dict[str, int] = {}
         for key, series in history:
-            if key[2] == CANARY_VARIANT:
+            if key[2] == CANARY_VARIANT or not series:
+                continue
+            digest, newest = key_digest(key), series[-1]["window_end_ns"]
+            seen[digest] = newest
+            if self._analyzed_end.get(digest) == newest:
+                # No new window since the last analysis: the same findings hold.
+                for (_, of_key), active in self._active.items():
+                    if of_key == digest:
+                        active.last_boundary_ns = boundary_ns
                 continue
             series_key = SeriesKey(service=key[0], model=key[1], operation=key[3])
             for analyzer in ANALYZERS:
@@ -73,6 +84,7 @@ class FindingTracker:
         # Findings not seen at this boundary are resolved.
         self._active = {k: a for k, a in self._active.items()
                         if a.last_boundary_ns == boundary_ns}
+        self._analyzed_end = seen
         return updates
 
     def _track(self, finding: Finding, key: KeyT, boundary_ns: int,
@@ -87,12 +99,14 @@ class FindingTracker:
         return FindingUpdate(finding_id, finding, key, new=True)
 
     def to_bytes(self) -> bytes:
-        return msgspec.msgpack.encode([(k, a) for k, a in self._active.items()])
+        return msgspec.msgpack.encode(([(k, a) for k, a in self._active.items()],
+                                       self._analyzed_end))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FindingTracker:
         tracker = cls()
-        for (kind, digest), active in msgspec.msgpack.decode(
-                data, type=list[tuple[tuple[str, str], _Active]]):
-            tracker._active[(kind, digest)] = active
+        active, tracker._analyzed_end = msgspec.msgpack.decode(
+            data, type=tuple[list[tuple[tuple[str, str], _Active]], dict[str, int]])
+        for (kind, digest), entry in active:
+            tracker._active[(kind, digest)] = entry
         return tracker

@@ -6,11 +6,20 @@ import numpy as np
 MAD_TO_SIGMA = 1 / 0.6745  # MAD of a normal sample is 0.6745 sigma
 
 
+def _median_of_sorted(values: np.ndarray) -> float:
+    n = len(values)
+    if n == 0:
+        return float("nan")
+    mid = n // 2
+    return float(values[mid]) if n % 2 else float(values[mid - 1] + values[mid]) / 2
+
+
 def median_mad(values: np.ndarray) -> tuple[float, float]:
-    """(median, MAD) of the finite values; the MAD unscaled."""
-    finite = values[np.isfinite(values)]
-    median = float(np.median(finite))
-    return median, float(np.median(np.abs(finite - median)))
+    """(median, MAD) of the finite values; the MAD unscaled. (Sorting directly: np.median's
+    fixed cost dominates on the few dozen values of a window history.)"""
+    finite = np.sort(values[np.isfinite(values)])
+    median = _median_of_sorted(finite)
+    return median, _median_of_sorted(np.sort(np.abs(finite - median)))
 
 
 def robust_z(x: float, history: np.ndarray) -> float:
