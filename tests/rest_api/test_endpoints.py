@@ -18,7 +18,7 @@ import jwt as pyjwt
 import pytest
 from openapi_spec_validator import validate
 
-from tests.conftest import Daemon
+from tests.conftest import Daemon, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -113,7 +113,7 @@ def test_health_ready_metrics_docs_are_public(daemon):
     validate(doc)
     assert "/v1/config/{service}" in doc["paths"]
     status, _, page = api("GET", "/docs")
-    assert status == 200 and "/v1/config/{service}" in page
+    assert status == 200 and "/v1/optimizations" in page
     api("GET", "/v1/config/export", key=daemon.keys["viewer"])
     status, _, text = api("GET", "/metrics")
     assert status == 200 and "rest_api_requests_total" in text
@@ -244,3 +244,285 @@ def test_export_import_and_resolve(daemon):
         assert res["config"]["model"] == ("m2" if res["variant"] == "canary" else "gpt-4o")
         variants.add(res["variant"])
     assert variants == {"canary", "baseline"}
+
+
+# --- roles: every route, allowed and denied -----------------------------------------------------
+
+ROLE_ORDER = ("viewer", "operator", "admin")
+FILL = {"service": "roles-svc", "version": "1", "id": "p.0123456789abcdef01234567",
+        "key_id": "aaaaaaaaaaaa"}
+
+
+def test_every_route_allowed_and_denied_per_role(daemon):
+    doc = daemon.api("GET", "/openapi.json")[2]
+    checked = 0
+    for template, methods in doc["paths"].items():
+        if template.endswith("/stream"):
+            continue  # an endless answer; its role is checked in the SSE test
+        path = template.format(**FILL)
+        for method, op in methods.items():
+            needed = op.get("x-required-role")
+            if needed is None:
+                continue
+            body = {} if "requestBody" in op else None
+            for role in ROLE_ORDER:
+                status, _, answer = daemon.api(method.upper(), path, key=daemon.keys[role],
+                                               body=body)
+                if ROLE_ORDER.index(role) < ROLE_ORDER.index(needed):
+                    assert status == 403, (method, path, role, answer)
+                else:
+                    assert status not in (401, 403, 429, 500), (method, path, role, answer)
+            checked += 1
+    assert checked >= 20
+
+
+def test_rate_limit_answers_429_with_retry_after(daemon):
+    key = create_key(daemon, "viewer", "greedy")
+    results = []
+
+    def hit() -> None:
+        results.append(daemon.api("GET", "/v1/findings?limit=1", key=key)[:2])
+
+    import threading
+    threads = [threading.Thread(target=hit) for _ in range(250)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    limited = [headers for status, headers in results if status == 429]
+    assert limited and int(limited[0]["Retry-After"]) >= 1
+    # another credential keeps its own budget
+    assert daemon.api("GET", "/v1/config/export", key=daemon.keys["viewer"])[0] == 200
+
+
+# --- optimizations -----------------------------------------------------------------------------
+
+def seed(daemon, ns: str, doc_id: str, body: dict) -> None:
+    from ipc import storage as s
+    from workers.storage_client import SyncStorageClient
+    client = SyncStorageClient(daemon.runtime)
+    try:
+        client.call(s.DocPut(ns=ns, id=doc_id, body=json.dumps(body).encode()))
+    finally:
+        client.close()
+
+
+def proposal(pid: str, service: str, status: str, strategy: str = "caching") -> dict:
+    return {"id": pid, "strategy": strategy, "service": service, "operation": "chat",
+            "model": "gpt-4o", "title": f"{strategy} for {service}", "rationale": "r",
+            "expected_impact": {"cost_pct": -10.0}, "constraints": {"min_samples": 1},
+            "change": {"cache": {"enabled": True}}, "needs_experiment": False,
+            "evidence": {"repeat_share": 0.3}, "created_ns": 1, "status": status,
+            "status_detail": "", "first_ns": 1, "updated_ns": 2}
+
+
+def test_optimizations_list_filter_detail_and_refusals(daemon):
+    api, viewer, op = daemon.api, daemon.keys["viewer"], daemon.keys["operator"]
+    for i, status in enumerate(["open", "open", "deploying", "promoted", "dismissed"]):
+        seed(daemon, "optimizations", f"p.{i:024x}",
+             proposal(f"caching:opt-svc:chat:{i}", "opt-svc", status))
+    seen, cursor = [], None
+    while True:
+        query = "?service=opt-svc&limit=2" + (f"&cursor={cursor}" if cursor else "")
+        status, _, page = api("GET", f"/v1/optimizations{query}", key=viewer)
+        assert status == 200
+        seen += page["items"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert len(seen) == 5 and len({o["id"] for o in seen}) == 5
+    status, _, page = api("GET", "/v1/optimizations?service=opt-svc&status=open", key=viewer)
+    assert [o["status"] for o in page["items"]] == ["open", "open"]
+    status, _, detail = api("GET", f"/v1/optimizations/p.{0:024x}", key=viewer)
+    assert status == 200 and detail["rationale"] == "r" and detail["rollouts"] == []
+    assert api("GET", f"/v1/optimizations/p.{99:024x}", key=viewer)[0] == 404
+    # the processor does not know these proposals: 404 from its answer
+    status, _, problem = api("POST", f"/v1/optimizations/p.{0:024x}/deploy", key=op)
+    assert status == 404 and "no proposal" in problem["detail"]
+    for action in ("cancel", "rollback"):
+        status, _, problem = api("POST", f"/v1/optimizations/p.{2:024x}/{action}", key=op)
+        assert status == 409 and "cannot be stopped" in problem["detail"]
+    status, _, problem = api("POST", f"/v1/optimizations/p.{4:024x}/cancel", key=op)
+    assert status == 409 and "already dismissed" in problem["detail"]
+    status, _, problem = api("POST", f"/v1/optimizations/p.{0:024x}/rollback", key=op)
+    assert status == 409 and "nothing of it is deployed" in problem["detail"]
+
+
+def sse_events(daemon, key: str, query: str = "", last_id: str | None = None,
+               want: int = 1, timeout: float = 20.0) -> list[dict]:
+    """The first ``want`` events of a stream, as {"id", "event", "data"}."""
+    import http.client
+    host, port = daemon.doc["rest_api"]["listen"].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    headers = {"Authorization": f"Bearer {key}"}
+    if last_id is not None:
+        headers["Last-Event-ID"] = last_id
+    conn.request("GET", f"/v1/events/stream{query}", headers=headers)
+    answer = conn.getresponse()
+    assert answer.status == 200, answer.read()
+    assert answer.headers["Content-Type"].startswith("text/event-stream")
+    events, current = [], {}
+    try:
+        while len(events) < want:
+            line = answer.fp.readline().decode().rstrip("\n")
+            if not line:
+                if "data" in current:
+                    events.append(current)
+                current = {}
+                continue
+            name, _, value = line.partition(": ")
+            if name in ("id", "event"):
+                current[name] = value
+            elif name == "data":
+                current["data"] = json.loads(value)
+    finally:
+        conn.close()
+    return events
+
+
+def test_experiment_streams_config_and_rollout_events_and_blocks_config_writes(daemon):
+    import threading
+    api, viewer, op = daemon.api, daemon.keys["viewer"], daemon.keys["operator"]
+    assert api("GET", "/v1/events/stream", key=None)[0] == 401
+    received: list = []
+    reader = threading.Thread(target=lambda: received.extend(
+        sse_events(daemon, viewer, "?service=sse-svc", want=2)))
+    reader.start()
+    time.sleep(0.5)  # the stream starts at the log's end
+    assert put_config(daemon, "sse-svc", "gpt-4o")[0] == 201
+    status, _, check = api("POST", "/v1/optimizations/validate", key=op,
+                           body={"service": "sse-svc", "change": {"model": ""}})
+    assert status == 200 and not check["valid"] and check["path"] == "change.model"
+    status, _, check = api("POST", "/v1/optimizations/validate", key=op,
+                           body={"service": "sse-svc", "change": {"model": "gpt-4o-mini"}})
+    assert check["valid"] and check["config"]["model"] == "gpt-4o-mini"
+    status, _, started = api("POST", "/v1/optimizations", key=op,
+                             body={"service": "sse-svc", "change": {"model": "gpt-4o-mini"}})
+    assert status == 202 and started["kind"] == "started", started
+    reader.join(20)
+    assert [e["event"] for e in received] == ["config", "rollout"], received
+    assert received[1]["data"]["body"]["kind"] == "started"
+    # resume after the config event: the rollout event comes again
+    again = sse_events(daemon, viewer, "?service=sse-svc", last_id=received[0]["id"])
+    assert again[0]["id"] == received[1]["id"]
+    # a rollout owns its service's config
+    status, body = put_config(daemon, "sse-svc", "other", expected=2)
+    assert status == 409 and "rollout" in body["detail"]
+    status, _, body = api("POST", "/v1/optimizations", key=op,
+                          body={"service": "sse-svc", "change": {"model": "x"}})
+    assert status == 409 and "active rollout" in body["detail"]
+    status, _, body = api("POST", "/v1/optimizations", key=op,
+                          body={"service": "sse-svc", "change": {"colour": "x"}})
+    assert status in (409, 422)
+    status, _, check = api("POST", "/v1/optimizations/validate", key=op,
+                           body={"service": "sse-svc", "change": {"model": "y"}})
+    assert check["rollout_running"] is True
+
+
+# --- findings, metrics, events -----------------------------------------------------------------
+
+T0 = 1_795_600_800
+
+
+def post_events(daemon, events: list[dict]) -> None:
+    request = urllib.request.Request(daemon.collector, method="POST",
+                                     data=json.dumps({"events": events}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert json.loads(answer.read())["accepted"] == len(events)
+
+
+def test_findings_filters_and_pagination(daemon):
+    api, viewer = daemon.api, daemon.keys["viewer"]
+    for i in range(6):
+        seed(daemon, "findings", f"f.find-svc.{i}", {
+            "id": f"f.find-svc.{i}", "variant": "", "new": True,
+            "kind": "latency_regression" if i % 2 else "spend_spike", "service": "find-svc",
+            "model": "gpt-4o", "operation": "chat",
+            "severity": "critical" if i < 2 else "warning", "title": "t", "detail": "d",
+            "evidence": {"p": 0.001}, "window_start_ns": (T0 + 60 * i) * 10 ** 9,
+            "window_end_ns": (T0 + 60 * i + 60) * 10 ** 9})
+    status, _, page = api("GET", "/v1/findings?service=find-svc&severity=critical", key=viewer)
+    assert status == 200 and len(page["items"]) == 2
+    status, _, page = api("GET", "/v1/findings?service=find-svc&kind=spend_spike", key=viewer)
+    assert {f["kind"] for f in page["items"]} == {"spend_spike"} and len(page["items"]) == 3
+    start_ms = (T0 + 60 * 4) * 1000
+    status, _, page = api("GET", f"/v1/findings?service=find-svc&start={start_ms}", key=viewer)
+    assert len(page["items"]) == 3  # windows ending at or after start: i = 3, 4, 5
+    first = api("GET", "/v1/findings?service=find-svc&limit=4", key=viewer)[2]
+    rest = api("GET", f"/v1/findings?service=find-svc&limit=4&cursor={first['next_cursor']}",
+               key=viewer)[2]
+    assert len(first["items"]) == 4 and len(rest["items"]) == 2
+    status, _, problem = api("GET", "/v1/findings?severity=bad", key=viewer)
+    assert status == 422 and problem["path"] == "severity"
+
+
+def test_events_windows_and_summary(daemon):
+    api, viewer = daemon.api, daemon.keys["viewer"]
+    events = [{"event_id": f"ev-{i}", "time": T0 + i * 2.0, "service": "met-svc",
+               "model": "gpt-4o" if i % 2 else "gpt-4o-mini", "input_tokens": 100,
+               "output_tokens": 10, "latency_ms": 100.0 + i, "quality": 0.8}
+              for i in range(150)]  # 300 s of event time: windows close
+    post_events(daemon, events)
+    status, _, page = api("GET", "/v1/events?service=met-svc&model=gpt-4o&limit=20",
+                          key=viewer)
+    assert status == 200 and len(page["items"]) == 20
+    assert {e["model"] for e in page["items"]} == {"gpt-4o"}
+    got = page["items"]
+    while not page["end_of_log"]:
+        page = api("GET", f"/v1/events?service=met-svc&model=gpt-4o&limit=50"
+                          f"&cursor={page['next_cursor']}", key=viewer)[2]
+        got += page["items"]
+    assert len(got) == 75 and len({e["event_id"] for e in got}) == 75
+    end_ms = (T0 + 20) * 1000
+    page = api("GET", f"/v1/events?service=met-svc&end={end_ms}", key=viewer)[2]
+    assert len(page["items"]) == 10
+
+    def windows() -> list:
+        answer = api("GET", "/v1/metrics/windows?service=met-svc&model=gpt-4o", key=viewer)
+        return answer[2]["series"]
+
+    series = wait_until(windows, 30, interval=0.2)
+    assert series[0]["model"] == "gpt-4o" and series[0]["variant"] == "baseline"
+    assert all(w["summary"]["count"] > 0 for w in series[0]["windows"])
+    status, _, summary = api("GET", "/v1/metrics/summary?service=met-svc", key=viewer)
+    assert status == 200 and summary["totals"]["calls"] > 0
+    assert set(summary["by_model"]) == {"gpt-4o", "gpt-4o-mini"}
+    assert summary["totals"]["quality_mean"] == pytest.approx(0.8)
+    assert api("GET", "/v1/metrics/summary", key=viewer)[0] == 422
+
+
+# --- admin -------------------------------------------------------------------------------------
+
+def test_admin_stats_keys_and_audit(daemon):
+    api, admin = daemon.api, daemon.keys["admin"]
+    status, _, stats = api("GET", "/v1/admin/stats", key=admin)
+    assert status == 200 and {s["name"] for s in stats["services"]} >= {"rest_api", "processor"}
+    status, headers, made = api("POST", "/v1/admin/api-keys", key=admin,
+                                body={"name": "robot", "role": "operator"})
+    assert status == 201 and made["key"].startswith("llmo_")
+    assert headers["Cache-Control"] == "no-store"
+    assert api("GET", "/v1/config/export", key=made["key"])[0] == 200
+    keys = api("GET", "/v1/admin/api-keys", key=admin)[2]
+    assert any(k["id"] == made["id"] for k in keys) and all("key" not in k for k in keys)
+    status, _, revoked = api("DELETE", f"/v1/admin/api-keys/{made['id']}", key=admin)
+    assert status == 200 and revoked["revoked"] is True
+    assert api("GET", "/v1/config/export", key=made["key"])[0] == 401
+    assert api("DELETE", "/v1/admin/api-keys/zzzzzzzzzzzz", key=admin)[0] == 404
+    listed = daemon.ctl("api-key", "list", "--json")
+    assert listed.returncode == 0 and made["id"] in listed.stdout
+    assert made["key"] not in listed.stdout
+    revoke = daemon.ctl("api-key", "revoke", "zzzzzzzzzzzz")
+    assert revoke.returncode == 2
+    records, cursor = [], None
+    while True:
+        query = "?limit=50" + (f"&cursor={cursor}" if cursor else "")
+        page = api("GET", f"/v1/admin/audit{query}", key=admin)[2]
+        if not page["items"]:
+            break
+        records += page["items"]
+        cursor = page["next_cursor"]
+    mine = [r for r in records if r["path"] == "/v1/admin/api-keys" and r["method"] == "POST"]
+    assert mine and mine[-1]["status"] == 201 and mine[-1]["role"] == "admin"
+    assert all(r["method"] != "GET" for r in records)
+    assert any(r["status"] == 403 and r["role"] == "viewer" for r in records)

@@ -1,7 +1,9 @@
 """The audit trail: every state-changing call (who, role, method, path, status, time), appended
 to the storage log ``rest-audit`` once it has been answered, and read back by
 ``GET /v1/admin/audit``. Only the route and the caller's identity are kept: never bodies nor
-credentials. A failure to record is logged and does not fail the call that was made.
+credentials. A call refused with 403 is recorded with the caller too (the route table keeps the
+principal only once authorized, so it is authenticated again here, from the cache). A failure
+to record is logged and does not fail the call that was made.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from ipc import storage as s
-from workers.rest_api.auth import PRINCIPAL_KEY
+from workers.rest_api.auth import PRINCIPAL_KEY, AuthError, Authenticator, Principal
 from workers.rest_api.problems import request_id
 from workers.storage_client import StorageClient
 
@@ -43,12 +45,23 @@ def decode(record: s.LogRecord) -> AuditRecord:
     return msgspec.structs.replace(_decoder.decode(record.payload), offset=record.offset)
 
 
-def make_audit(storage: StorageClient) -> Middleware:
+async def _caller(request: web.Request, status: int,
+                  authenticator: Authenticator) -> Principal | None:
+    principal = request.get(PRINCIPAL_KEY)
+    if principal is None and status == 403:
+        try:
+            principal = await authenticator.authenticate(request)
+        except AuthError:
+            return None
+    return principal
+
+
+def make_audit(storage: StorageClient, authenticator: Authenticator) -> Middleware:
     @web.middleware
     async def audit(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
         if request.method in WRITES and request.path.startswith("/v1/"):
-            principal = request.get(PRINCIPAL_KEY)
+            principal = await _caller(request, response.status, authenticator)
             record = AuditRecord(time_ms=int(time.time() * 1000), method=request.method,
                                  path=request.path, status=response.status,
                                  request_id=request_id(request))

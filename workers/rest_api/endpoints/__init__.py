@@ -2,7 +2,7 @@
 RouteTable (served and documented from the same declarations)."""
 from __future__ import annotations
 
-from workers.rest_api.endpoints import configs
+from workers.rest_api.endpoints import admin, configs, events, findings, optimizations
 from workers.rest_api.endpoints.common import Deps
 from workers.rest_api.routes import RouteTable
 
@@ -11,6 +11,6 @@ __all__ = ["Deps", "build_table"]
 
 def build_table(deps: Deps) -> RouteTable:
     table = RouteTable()
-    for module in (configs,):
+    for module in (configs, optimizations, findings, events, admin):
         module.install(table, deps)
     return table

@@ -7,6 +7,7 @@ import base64
 import binascii
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ from workers.storage_client import StorageClient
 
 EVENTS_LOG = "optimizer-events"  # the processor's outputs.EVENTS_LOG
 MAX_PAGE = 500
+SCAN_PAGE = 1000
+MAX_SCAN = 10_000
 
 
 @dataclass
@@ -92,3 +95,29 @@ async def refuse_during_rollout(deps: Deps, service: str) -> None:
         raise conflict(f"service {service!r} has a rollout running "
                        f"({rollouts[service].get('proposal_id')}); its config changes only "
                        "through the rollout until it is promoted or rolled back")
+
+
+async def scan_documents(deps: Deps, ns: str, prefix: str, cursor: str | None, limit: int,
+                         match: Callable[[dict[str, Any]], bool]
+                         ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+    """Up to ``limit`` (id, JSON body) documents that ``match``, after ``cursor`` (a document
+    id), and the cursor to continue from; at most ``MAX_SCAN`` documents are read per call,
+    so a rare filter answers a short page with a cursor rather than scanning everything."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    scanned = 0
+    while True:
+        page = await deps.storage.call(s.DocList(ns=ns, prefix=prefix, limit=SCAN_PAGE,
+                                                 cursor=cursor))
+        for doc in page.documents:
+            cursor = doc.id
+            scanned += 1
+            body = json.loads(doc.body)
+            if match(body):
+                found.append((doc.id, body))
+                if len(found) == limit:
+                    return found, cursor
+        if page.next_cursor is None:
+            return found, None
+        cursor = page.next_cursor
+        if scanned >= MAX_SCAN:
+            return found, cursor

@@ -83,10 +83,11 @@ def build(config: Config, section: RestApiSection, runtime_dir: str) -> Server:
                 api_keys=ApiKeyStore(storage))
     verifier = JwtVerifier(section.jwt) if section.jwt.issuer else None
     limiter = make_limiter(section)
+    authenticator = Authenticator(deps.api_keys, verifier)
     app = web.Application(client_max_size=section.max_body_kb * 1024, middlewares=[
         request_id_middleware, make_cors(section.cors_origins), compression,
         make_limits(section.max_in_flight, section.request_timeout_s),
-        make_audit(storage), problem_middleware, storage_problems])
+        make_audit(storage, authenticator), problem_middleware, storage_problems])
 
     async def ready(_request: web.Request) -> web.Response:
         """Ready when storage answers: every operation needs it."""
@@ -102,7 +103,7 @@ def build(config: Config, section: RestApiSection, runtime_dir: str) -> Server:
     app.router.add_get("/metrics", metrics)
     table = build_table(deps)
     sse.install(table, deps)
-    table.install(app, Authenticator(deps.api_keys, verifier), limiter)
+    table.install(app, authenticator, limiter)
     add_docs_routes(app, table, title="LLM Auto Optimizer API", version=API_VERSION,
                     description=DESCRIPTION)
     return Server(app=app, deps=deps, limiter=limiter, jwt=verifier is not None)
