@@ -26,6 +26,7 @@ SECRET = "x" * 48
 ISSUER = "https://issuer.test"
 PROCESSOR = {"tumbling_window_s": 60, "sliding_window_s": 120, "sliding_step_s": 60,
              "allowed_lateness_s": 5, "analysis_interval_s": 60,
+             "decisions": {"min_samples": 50},
              "canary": {"min_samples": 10, "promote_min_samples": 20, "stages": [50.0, 100.0]}}
 
 
@@ -526,3 +527,67 @@ def test_admin_stats_keys_and_audit(daemon):
     assert mine and mine[-1]["status"] == 201 and mine[-1]["role"] == "admin"
     assert all(r["method"] != "GET" for r in records)
     assert any(r["status"] == 403 and r["role"] == "viewer" for r in records)
+
+
+# --- a real proposal, deployed, promoted and rolled back (last: it moves event time on) ----------
+
+def calls(service: str, start: float, minutes: int, per_minute: int, seed: int,
+          canary_share: float = 0.0) -> list[dict]:
+    import random
+    rng = random.Random(seed)
+    out = []
+    for i in range(minutes * per_minute):
+        canary = rng.random() < canary_share
+        out.append({"event_id": f"{service}-{seed}-{i}", "time": start + i * 60 / per_minute,
+                    "service": service, "model": "gpt-4o", "input_tokens": 1000,
+                    "output_tokens": 100, "latency_ms": rng.lognormvariate(6, 0.3),
+                    "quality": min(1.0, max(0.0, rng.gauss(0.8, 0.05))),
+                    "prompt_fingerprint": f"fp-{rng.randrange(5)}",
+                    **({"variant": "canary"} if canary else {})})
+    return out
+
+
+def test_proposal_deploy_promotion_stream_and_rollback(daemon):
+    import threading
+    api, viewer, op = daemon.api, daemon.keys["viewer"], daemon.keys["operator"]
+    t1 = T0 + 7200
+    assert put_config(daemon, "cache-svc", "gpt-4o")[0] == 201
+    for minute in range(12):
+        post_events(daemon, calls("cache-svc", t1 + 60 * minute, 1, 100, minute))
+
+    def proposal_of_service() -> list:
+        page = api("GET", "/v1/optimizations?service=cache-svc&strategy=caching", key=viewer)
+        return page[2]["items"]
+
+    found = wait_until(proposal_of_service, 30, interval=0.3)[0]
+    assert found["status"] == "open" and found["change"]["cache"]["enabled"] is True
+    received: list = []
+    reader = threading.Thread(target=lambda: received.extend(
+        sse_events(daemon, viewer, "?service=cache-svc&type=rollout", want=3, timeout=40)))
+    reader.start()
+    time.sleep(0.5)
+    status, _, started = api("POST", f"/v1/optimizations/{found['id']}/deploy", key=op)
+    assert status == 202 and started["kind"] == "started", started
+    status, _, problem = api("POST", f"/v1/optimizations/{found['id']}/deploy", key=op)
+    assert status == 409
+    detail = api("GET", f"/v1/optimizations/{found['id']}", key=viewer)[2]
+    assert detail["status"] == "deploying"
+    assert detail["rollouts"][0]["transitions"][0]["kind"] == "started"
+    # identical traffic on both sides: each stage passes, the change is promoted
+    for minute in range(12, 22):
+        post_events(daemon, calls("cache-svc", t1 + 60 * minute, 1, 100, minute, 0.5))
+        if not reader.is_alive():
+            break
+    reader.join(40)
+    kinds = [e["data"]["body"]["kind"] for e in received]
+    assert kinds[0] == "started" and kinds[-1] == "promoted", kinds
+    detail = wait_until(lambda: (d := api("GET", f"/v1/optimizations/{found['id']}",
+                                          key=viewer)[2])["status"] == "promoted" and d, 10)
+    assert detail["rollouts"][0]["phase"] == "promoted"
+    promoted_config = api("GET", "/v1/config/cache-svc", key=viewer)[2]
+    assert promoted_config["cache"]["enabled"] is True and not promoted_config["variants"]
+    status, _, restored = api("POST", f"/v1/optimizations/{found['id']}/rollback", key=op)
+    assert status == 200 and restored["cache"] == {}, restored
+    assert restored["version"] == promoted_config["version"] + 1
+    status, _, problem = api("POST", f"/v1/optimizations/{found['id']}/rollback", key=op)
+    assert status == 409 and "changed since the promotion" in problem["detail"]
