@@ -242,9 +242,12 @@ def quality(span: Span) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
-def map_span(span: Span, service: str, path: str, *, now: float | None = None) -> LLMEvent:
-    """One LLM-call span -> LLMEvent, or EventRejected with ``path.field`` and the reason."""
-    attrs = attributes(span.attributes)
+def map_span(span: Span, service: str, path: str, *, now: float | None = None,
+             attrs: dict[str, Any] | None = None) -> LLMEvent:
+    """One LLM-call span -> LLMEvent, or EventRejected with ``path.field`` and the reason.
+    ``attrs``: the span's attributes if the caller has them already."""
+    if attrs is None:
+        attrs = attributes(span.attributes)
     sources: dict[str, str] = {}   # event field -> the attribute it came from, for reasons
     obj: dict[str, Any] = {}
 
@@ -341,7 +344,7 @@ def map_request(request: ExportTraceServiceRequest, *, now: float | None = None)
                     continue
                 path = f"resourceSpans[{i}].scopeSpans[{j}].spans[{k}]"
                 try:
-                    mapped.events.append(map_span(span, service, path, now=now))
+                    mapped.events.append(map_span(span, service, path, now=now, attrs=attrs))
                 except EventRejected as exc:
                     mapped.rejected.append((span_summary(span, service, attrs), exc.path,
                                             exc.reason))
