@@ -18,7 +18,7 @@ import jwt as pyjwt
 import pytest
 from openapi_spec_validator import validate
 
-from tests.conftest import Daemon, wait_until
+from tests.conftest import Daemon, http_get, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -119,6 +119,8 @@ def test_health_ready_metrics_docs_are_public(daemon):
     status, _, text = api("GET", "/metrics")
     assert status == 200 and "rest_api_requests_total" in text
     assert 'route="/v1/config/export"' in text and "rest_api_in_flight" in text
+    status, aggregated = http_get(daemon.admin_url("/metrics"))  # the supervisor's
+    assert status == 200 and b'rest_api_requests_total{method="GET"' in aggregated
 
 
 def test_every_other_route_needs_a_credential(daemon):

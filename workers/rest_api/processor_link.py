@@ -64,7 +64,8 @@ class ControlLink:
         if reply.ok:
             return reply.result
         error = reply.error or m.ErrorInfo(code=m.ErrorCode.INTERNAL, message="failed")
-        if error.code in (m.ErrorCode.WORKER_UNAVAILABLE, m.ErrorCode.TIMEOUT):
+        if error.code in (m.ErrorCode.WORKER_UNAVAILABLE, m.ErrorCode.TIMEOUT,
+                          m.ErrorCode.NO_SUCH_SERVICE):
             raise Problem(503, "Service Unavailable", error.message, retry_after=1,
                           type_suffix="upstream-unavailable")
         raise CommandFailed(error.code, error.message)
