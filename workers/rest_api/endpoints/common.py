@@ -1,12 +1,11 @@
-"""What every endpoint module shares: the workers it talks to, opaque cursors, problems for the
-storage and processor failures it meets."""
+"""What every endpoint module shares: the connections it uses, opaque cursors, bounded document
+scans, and problems for what the processor refuses."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,20 +63,11 @@ def conflict(detail: str) -> Problem:
     return Problem(409, "Conflict", detail, type_suffix="conflict")
 
 
-def unavailable(exc: s.StorageFailure) -> Problem:
-    return Problem(503, "Service Unavailable", f"storage: {exc}", retry_after=1,
-                   type_suffix="storage-unavailable")
-
-
 def command_problem(exc: CommandFailed) -> Problem:
     """A refused processor command: unknown things are 404, the rest conflicts with state."""
     if exc.message.startswith(("no proposal", "no config")):
         return not_found(exc.message)
     return conflict(exc.message)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 async def active_rollouts(deps: Deps) -> dict[str, Any]:

@@ -49,14 +49,13 @@ def make_limits(max_in_flight: int, timeout_s: float) -> Middleware:
         nonlocal in_flight
         started = time.perf_counter()
         stream = is_stream(request)
-        status = 500
         try:
             if stream:
                 response = await handler(request)
             else:
                 if in_flight >= max_in_flight:
-                    raise Problem(503, "Service Unavailable", f"more than {max_in_flight} "
-                                  "requests in flight; retry shortly", retry_after=1,
+                    raise Problem(503, "Service Unavailable", f"{max_in_flight} "
+                                  "requests already in flight; retry shortly", retry_after=1,
                                   type_suffix="overloaded")
                 in_flight += 1
                 IN_FLIGHT.inc()
@@ -72,9 +71,8 @@ def make_limits(max_in_flight: int, timeout_s: float) -> Middleware:
                     IN_FLIGHT.dec()
         except Problem as exc:
             response = exc.response(request)
-        status = response.status
         route = route_label(request)
-        REQUESTS.labels(route, request.method, str(status)).inc()
+        REQUESTS.labels(route, request.method, str(response.status)).inc()
         if not stream:
             LATENCY.labels(route).observe(time.perf_counter() - started)
         return response
