@@ -420,6 +420,14 @@ def test_experiment_streams_config_and_rollout_events_and_blocks_config_writes(d
     status, _, check = api("POST", "/v1/optimizations/validate", key=op,
                            body={"service": "sse-svc", "change": {"model": "y"}})
     assert check["rollout_running"] is True
+    status, _, page = api("GET", "/v1/rollouts?service=sse-svc&phase=running", key=viewer)
+    assert status == 200 and len(page["items"]) == 1
+    rollout = page["items"][0]
+    assert rollout["change"] == {"model": "gpt-4o-mini"}
+    assert rollout["transitions"][0]["kind"] == "started"
+    status, _, one = api("GET", f"/v1/rollouts/{rollout['id']}", key=viewer)
+    assert status == 200 and one == rollout
+    assert api("GET", "/v1/rollouts/rollout:none:x", key=viewer)[0] == 404
 
 
 # --- findings, metrics, events -----------------------------------------------------------------
