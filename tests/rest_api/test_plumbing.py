@@ -1,21 +1,27 @@
 """The REST API's HTTP middlewares in process: in-flight bound and timeout (503 with
-Retry-After), CORS, brotli/gzip negotiation, per-route metrics, storage failures as 503, and
-bearer tokens refused when no JWT issuer is configured."""
+Retry-After), CORS, brotli/gzip negotiation, per-route metrics, storage failures as 503,
+bearer tokens refused when no JWT issuer is configured, and rate-limit budgets shared through
+Redis."""
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
 
 import brotli
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import REGISTRY
 
 from ipc import storage as s
+from ipc.config import RestApiSection
+from tests.test_resilience import redis_url  # noqa: F401 (a fixture)
+from workers.resilience.ratelimit import RateLimited, SlidingWindowLimiter
 from workers.rest_api.api_keys import ApiKeyStore
 from workers.rest_api.auth import Authenticator, Role
 from workers.rest_api.endpoints.plumbing import (compression, make_cors, make_limits,
                                                  storage_problems)
+from workers.rest_api.endpoints.server import make_limiter
 from workers.rest_api.problems import problem_middleware, request_id_middleware
 from workers.rest_api.routes import Call, RouteTable
 
@@ -109,3 +115,25 @@ def test_compression_cors_metrics_and_storage_problems() -> None:
     assert count is not None and count >= 3
     assert REGISTRY.get_sample_value("rest_api_requests_total", {
         "route": "/down", "method": "GET", "status": "503"}) >= 1
+
+
+def test_rate_limit_budget_is_shared_through_redis(redis_url: str) -> None:  # noqa: F811
+    """``rate_limit_storage = "redis://..."``: two processes spend one budget per key."""
+    section = RestApiSection(rate_limit_per_s=1.0, rate_limit_burst=3,
+                             rate_limit_storage=redis_url)
+
+    async def scenario() -> None:
+        first, second = make_limiter(section), make_limiter(section)
+        assert isinstance(first, SlidingWindowLimiter)
+        try:
+            for limiter in (first, second, first):
+                await limiter.acquire("key:shared")
+            with pytest.raises(RateLimited) as caught:
+                await second.acquire("key:shared")
+            assert 0 < caught.value.retry_after <= 3
+            await second.acquire("key:other")
+        finally:
+            await first.close()
+            await second.close()
+
+    asyncio.run(scenario())
