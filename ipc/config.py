@@ -238,7 +238,7 @@ class CanarySection(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class ProcessorSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
-    entrypoint: str = "workers.processor:ProcessorWorker"
+    entrypoint: str = "workers.processor.worker:ProcessorWorker"
     depends_on: list[str] = field(default_factory=lambda: ["storage", "collector"])
     tumbling_window_s: Annotated[int, doc(
         "Length of the tumbling windows, in seconds of event time.", ge=1)] = 60

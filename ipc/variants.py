@@ -28,18 +28,23 @@ class Variant(Struct):
     overrides: dict[str, Any] = field(default_factory=dict)  # keys of OVERRIDABLE, merged deep
 
 
-class LLMConfig(Struct, kw_only=True):
-    """One version of a service's config, as the config store keeps it."""
+class ConfigContent(Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a config says: the model and its policies, with the variants that override them."""
 
-    service: str
     model: str
-    version: int = 0  # assigned by the store
     parameters: dict[str, Any] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
     rate_limit: dict[str, Any] = field(default_factory=dict)
     batching: dict[str, Any] = field(default_factory=dict)
     prompt: dict[str, Any] = field(default_factory=dict)
     variants: list[Variant] = field(default_factory=list)
+
+
+class LLMConfig(ConfigContent, kw_only=True, forbid_unknown_fields=True):
+    """One version of a service's config, as the config store keeps it."""
+
+    service: str
+    version: int = 0  # assigned by the store
     updated_ns: int = 0  # event time of the change
     reason: str = ""
 

@@ -1,5 +1,3 @@
 """The processor service: event-time windows over the event log, analyzers, decisions and
-canary rollouts (``worker``, whose pure state is ``core``)."""
-from workers.processor.worker import ProcessorWorker
-
-__all__ = ["ProcessorWorker"]
+canary rollouts. The worker is ``worker.ProcessorWorker`` (its pure state: ``core``); this
+package stays light to import, since the REST API uses its config code."""

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct, field
 
-from ipc.variants import LLMConfig, Variant, effective_config, resolve_variant
+from ipc.variants import ConfigContent, LLMConfig, effective_config, resolve_variant
 from workers.processor.configs import (ConfigConflict, ConfigNotFound, InvalidConfig, content,
                                        validate)
 from workers.rest_api.auth import Role
@@ -33,22 +33,12 @@ TAGS = ("configs",)
 Version = Annotated[int, Meta(ge=1)]
 
 
-class ConfigBody(Struct, kw_only=True, forbid_unknown_fields=True):
-    """A service's config content; version and time are the server's."""
-
-    model: str
-    parameters: dict[str, Any] = field(default_factory=dict)
-    cache: dict[str, Any] = field(default_factory=dict)
-    rate_limit: dict[str, Any] = field(default_factory=dict)
-    batching: dict[str, Any] = field(default_factory=dict)
-    prompt: dict[str, Any] = field(default_factory=dict)
-    variants: list[Variant] = field(default_factory=list)
 
 
 class ConfigWrite(Struct, kw_only=True, forbid_unknown_fields=True):
     expected_version: Annotated[int, Meta(ge=0, description=(
         "The version the change is based on (0: the service has none yet); 409 otherwise."))]
-    config: ConfigBody
+    config: ConfigContent
     reason: str = "set through the REST API"
 
 
@@ -78,7 +68,7 @@ class RollbackBody(Struct, kw_only=True, forbid_unknown_fields=True):
     reason: str = ""
 
 
-class ServiceConfig(ConfigBody, kw_only=True, forbid_unknown_fields=True):
+class ServiceConfig(ConfigContent, kw_only=True, forbid_unknown_fields=True):
     service: str
 
 
@@ -107,7 +97,7 @@ def _invalid(exc: InvalidConfig, prefix: str) -> Problem:
                    f"{exc.problem}", path=f"{prefix}{exc.path}", type_suffix="invalid-config")
 
 
-def _config(service: str, body: ConfigBody, reason: str = "") -> LLMConfig:
+def _config(service: str, body: ConfigContent, reason: str = "") -> LLMConfig:
     return LLMConfig(service=service, updated_ns=time.time_ns(), reason=reason,
                      **msgspec.structs.asdict(body))
 
@@ -167,7 +157,7 @@ def install(table: RouteTable, deps: Deps) -> None:
         for i, item in enumerate(body.configs):
             data = msgspec.structs.asdict(item)
             service = data.pop("service")
-            config = _config(service, msgspec.convert(data, ConfigBody), "imported")
+            config = _config(service, msgspec.convert(data, ConfigContent), "imported")
             try:
                 validate(config)
             except InvalidConfig as exc:
