@@ -186,7 +186,7 @@ def test_a_killed_processor_resumes_with_nothing_lost_or_counted_twice(daemon):
 
 
 def test_operator_commands_through_optimizerctl(daemon):
-    """configure, experiment (a JSON argument with :=), config, rollouts; a request that
+    """configure, experiment (a JSON argument with :=), config, rollouts, abort; a request that
     cannot be done is exit status 2 with a message that names what is wrong."""
     r = daemon.ctl("call", "processor", "configure", "--arg", "service=writer",
                    "--arg", "model=claude-sonnet-4-5")
@@ -211,3 +211,16 @@ def test_operator_commands_through_optimizerctl(daemon):
     assert r.returncode == 2 and "not JSON" in r.stderr
     r = daemon.ctl("call", "processor", "config", "--arg", "service=nobody")
     assert r.returncode == 2 and "no config for service 'nobody'" in r.stderr
+
+    r = daemon.ctl("call", "processor", "abort", "--arg", "service=writer",
+                   "--arg", "reason=wrong model")
+    assert r.returncode == 0, r.stderr
+    aborted = json.loads(r.stdout)
+    assert aborted["kind"] == "rolled_back" and "wrong model" in aborted["reason"]
+    config = json.loads(daemon.ctl("call", "processor", "config",
+                                   "--arg", "service=writer").stdout)
+    assert config["version"] == 3 and config["variants"] == []
+    assert config["model"] == "claude-sonnet-4-5"
+    assert json.loads(daemon.ctl("call", "processor", "rollouts").stdout) == {}
+    r = daemon.ctl("call", "processor", "abort", "--arg", "service=writer")
+    assert r.returncode == 2 and "no rollout running" in r.stderr

@@ -287,6 +287,14 @@ class CanaryDeployer:
                     done.append(transition)
         return done
 
+    async def abort(self, service: str, reason: str, now_ns: int) -> Transition:
+        """Roll back a running rollout at once, at an operator's request."""
+        rollout = self.active.get(service)
+        if rollout is None:
+            raise RolloutError(f"service {service!r} has no rollout running")
+        return await self._finish(rollout, "rolled_back", max(now_ns, rollout.stage_started_ns),
+                                  None, f"aborted: {reason}")
+
     def judge_now(self, service: str) -> JudgeResult:
         """The verdict on the current stage's samples (what the next boundary would see)."""
         baseline, canary = self._samples[service]

@@ -325,6 +325,15 @@ class ProcessorWorker(Worker):
         if command == "experiment":
             return await self.experiment(str(args.get("service", "")), args.get("change"),
                                          now)
+        if command == "abort":
+            service = str(args.get("service", ""))
+            try:
+                transition = await self.deployer.abort(
+                    service, str(args.get("reason") or "by an operator"), now)
+            except RolloutError as exc:
+                raise ValueError(str(exc)) from None
+            await self.settle_transitions(now)
+            return transition.to_dict()
         if command == "rollouts":
             return {service: msgspec.to_builtins(rollout)
                     for service, rollout in self.deployer.active.items()}

@@ -2,10 +2,10 @@
 them (deploy, cancel, roll back, experiments, dry-run validation).
 
 Proposals and rollouts are read from storage (documents ``optimizations`` and ``rollouts``);
-every action goes to the processor, which owns them, through the control socket. The processor
-has no command to abort a running rollout: cancel and rollback of a ``deploying``
-optimization answer 409 (the rollout ends by promotion or by its automatic rollback).
-Rolling back a promoted optimization writes the pre-rollout config back as a new version.
+every action goes to the processor, which owns them, through the control socket. Cancel or
+rollback of a ``deploying`` optimization aborts its running rollout (the processor's ``abort``:
+the canary variant is removed at once). Rolling back a promoted optimization writes the
+pre-rollout config back as a new version.
 """
 from __future__ import annotations
 
@@ -119,10 +119,11 @@ async def _rollouts(deps: Deps, service: str, doc_id: str) -> list[RolloutView]:
                             strict=False) for d in page.documents]
 
 
-def _no_abort(body: dict[str, Any]) -> Problem:
-    return conflict(f"optimization {body['id']!r} is deploying: its canary rollout is running, "
-                    "and a running rollout cannot be stopped through the API; it ends by "
-                    "promotion or by its automatic rollback")
+async def _abort(deps: Deps, body: dict[str, Any], call: Call, what: str) -> dict[str, Any]:
+    """Roll back the optimization's running rollout (the processor's ``abort``)."""
+    who = call.principal.subject if call.principal else "an operator"
+    return await _processor(deps, "abort", {"service": body["service"],
+                                            "reason": f"{what} of {body['id']} by {who}"})
 
 
 async def _processor(deps: Deps, command: str, args: dict[str, Any]) -> Any:
@@ -179,11 +180,13 @@ def install(table: RouteTable, deps: Deps) -> None:
     @table.route("POST", f"/v1/optimizations/{ID}/cancel", role=operator,
                  responses={200: Optimization}, problems=(404, 409), tags=TAGS)
     async def cancel_optimization(call: Call) -> Optimization:
-        """Dismiss an optimization that is not deployed."""
+        """Dismiss an optimization that is not deployed; one that is deploying has its
+        rollout rolled back."""
         doc_id = call.params["id"]
         body = await _load(deps, doc_id)
         if body["status"] == "deploying":
-            raise _no_abort(body)
+            await _abort(deps, body, call, "cancel")
+            return _view(doc_id, await _load(deps, doc_id), Optimization, _optimization_fields)
         if body["status"] in ("promoted", "rolled_back", "dismissed"):
             raise conflict(f"optimization {body['id']!r} is already {body['status']}")
         result = await _processor(deps, "dismiss", {"proposal": body["id"]})
@@ -192,13 +195,15 @@ def install(table: RouteTable, deps: Deps) -> None:
     @table.route("POST", f"/v1/optimizations/{ID}/rollback", role=operator,
                  responses={200: LLMConfig}, problems=(404, 409), tags=TAGS)
     async def rollback_optimization(call: Call) -> LLMConfig:
-        """Undo a promoted optimization: the config from before its rollout, as a new
-        version (409 if the config changed since the promotion, or while it deploys)."""
+        """Undo an optimization: a running rollout is rolled back at once; a promoted one
+        gets the config from before its rollout, as a new version (409 if the config changed
+        since the promotion)."""
         doc_id = call.params["id"]
         body = await _load(deps, doc_id)
-        if body["status"] == "deploying":
-            raise _no_abort(body)
         service = body["service"]
+        if body["status"] == "deploying":
+            await _abort(deps, body, call, "rollback")
+            return await current(deps, service)
         promoted = [r for r in await _rollouts(deps, service, doc_id) if r.phase == "promoted"]
         if body["status"] != "promoted" or not promoted:
             raise conflict(f"optimization {body['id']!r} is {body['status']}: nothing of it "
