@@ -342,9 +342,9 @@ def test_optimizations_list_filter_detail_and_refusals(daemon):
     # the processor does not know these proposals: 404 from its answer
     status, _, problem = api("POST", f"/v1/optimizations/p.{0:024x}/deploy", key=op)
     assert status == 404 and "no proposal" in problem["detail"]
-    for action in ("cancel", "rollback"):
+    for action in ("cancel", "rollback"):  # "deploying" here, but the processor runs none
         status, _, problem = api("POST", f"/v1/optimizations/p.{2:024x}/{action}", key=op)
-        assert status == 409 and "cannot be stopped" in problem["detail"]
+        assert status == 409 and "no rollout running" in problem["detail"]
     status, _, problem = api("POST", f"/v1/optimizations/p.{4:024x}/cancel", key=op)
     assert status == 409 and "already dismissed" in problem["detail"]
     status, _, problem = api("POST", f"/v1/optimizations/p.{0:024x}/rollback", key=op)
