@@ -18,7 +18,7 @@ from ipc.config import ProcessorSection
 from ipc.events import Feedback, LLMEvent
 from ipc.prices import PriceTable
 from workers.processor.dedup import Deduplicator
-from workers.processor.findings import FindingTracker, FindingUpdate
+from workers.processor.findings import CANARY_VARIANT, FindingTracker, FindingUpdate
 from workers.processor.history import WindowHistory
 from workers.processor.proposals import Entry, ProposalBook
 from workers.processor.recent import RecentEvents
@@ -153,8 +153,10 @@ class ProcessorCore:
                                          self.last_analysis_ns)
         new, refreshed = [], []
         if boundary_ns // self.analysis_ns % self.section.decisions.every_intervals == 0:
-            proposals = self.engine.propose(self.engine.views(dict(self.history.items())),
-                                            boundary_ns)
+            # Canary traffic is the rollout's to judge, not a base for new proposals.
+            settled = {key: rows for key, rows in self.history.items()
+                       if key[2] != CANARY_VARIANT}
+            proposals = self.engine.propose(self.engine.views(settled), boundary_ns)
             new, refreshed = self.proposals.update(proposals, boundary_ns)
         self.last_analysis_ns = boundary_ns
         self.next_analysis_ns = boundary_ns + self.analysis_ns
