@@ -352,8 +352,9 @@ def test_optimizations_list_filter_detail_and_refusals(daemon):
 
 
 def sse_events(daemon, key: str, query: str = "", last_id: str | None = None,
-               want: int = 1, timeout: float = 20.0) -> list[dict]:
-    """The first ``want`` events of a stream, as {"id", "event", "data"}."""
+               want: int = 1, timeout: float = 20.0, opened: Any = None) -> list[dict]:
+    """The first ``want`` events of a stream, as {"id", "event", "data"}; ``opened`` (a
+    threading.Event) is set once the stream has answered, i.e. its start offset is fixed."""
     import http.client
     host, port = daemon.doc["rest_api"]["listen"].split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
@@ -364,6 +365,8 @@ def sse_events(daemon, key: str, query: str = "", last_id: str | None = None,
     answer = conn.getresponse()
     assert answer.status == 200, answer.read()
     assert answer.headers["Content-Type"].startswith("text/event-stream")
+    if opened is not None:
+        opened.set()
     events, current = [], {}
     try:
         while len(events) < want:
@@ -572,10 +575,14 @@ def test_proposal_deploy_promotion_stream_and_rollback(daemon):
     found = wait_until(proposal_of_service, 30, interval=0.3)[0]
     assert found["status"] == "open" and found["change"]["cache"]["enabled"] is True
     received: list = []
+    opened = threading.Event()
     reader = threading.Thread(target=lambda: received.extend(
-        sse_events(daemon, viewer, "?service=cache-svc&type=rollout", want=3, timeout=40)))
+        sse_events(daemon, viewer, "?service=cache-svc&type=rollout", want=3, timeout=40,
+                   opened=opened)))
     reader.start()
-    time.sleep(0.5)
+    # the stream starts at the log's end: deploy only once it has answered (offset fixed)
+    wait_until(lambda: opened.is_set() or not reader.is_alive(), 20)
+    assert opened.is_set(), "the SSE stream did not open"
     status, _, started = api("POST", f"/v1/optimizations/{found['id']}/deploy", key=op)
     assert status == 202 and started["kind"] == "started", started
     status, _, problem = api("POST", f"/v1/optimizations/{found['id']}/deploy", key=op)
