@@ -2,7 +2,8 @@
 
 Schemas come from ``msgspec.json.schema_components`` over the very types the routes decode and
 encode, so the document says what the server does. Every authenticated operation documents its
-401, 403 and 429 problems; operations with input document 400/413/415/422.
+401, 403 and 429 problems; operations with input document 400/413/415/422; operations whose
+path parameters are constrained (``{name:regex}``) document the pattern and 404.
 """
 from __future__ import annotations
 
@@ -50,8 +51,12 @@ def _operation(route: Route, schemas: dict[Any, Any], components: dict[str, Any]
                           "tags": list(route.tags)}
     if route.description:
         op["description"] = route.description
+    patterns = route.path_patterns
     params = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
               for name in route.path_params]
+    for param in params:
+        if param["name"] in patterns:
+            param["schema"]["pattern"] = f"^(?:{patterns[param['name']]})$"
     if route.query is not None:
         params += _query_parameters(components[route.query.__name__])
     if params:
@@ -66,6 +71,8 @@ def _operation(route: Route, schemas: dict[Any, Any], components: dict[str, Any]
             answer["content"] = {"application/json": {"schema": schemas[kind]}}
         responses[str(status)] = answer
     problems = set(route.problems)
+    if patterns:  # a value the router does not match: no resource at that path
+        problems.add(404)
     if route.body is not None:
         problems.update(BODY_PROBLEMS)
     if route.query is not None:

@@ -26,7 +26,9 @@ from workers.rest_api.problems import Problem, invalid_input
 
 log = logging.getLogger("workers.rest_api")
 
-_PATH_PARAM = re.compile(r"\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::[^}]*)?\}")
+# {name} or {name:regex}; the regex may hold one level of braces ({1,128}), as in aiohttp
+_PATH_PARAM = re.compile(
+    r"\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<regex>(?:[^{}]|\{[^{}]*\})*))?\}")
 _SEQUENCE_TYPES = (msgspec.inspect.ListType, msgspec.inspect.SetType,
                    msgspec.inspect.FrozenSetType, msgspec.inspect.VarTupleType)
 
@@ -76,6 +78,12 @@ class Route:
     @property
     def path_params(self) -> list[str]:
         return [m["name"] for m in _PATH_PARAM.finditer(self.path)]
+
+    @property
+    def path_patterns(self) -> dict[str, str]:
+        """The regular expression each constrained path parameter must match (aiohttp's
+        ``{name:regex}``): the router answers 404 for a value that does not."""
+        return {m["name"]: m["regex"] for m in _PATH_PARAM.finditer(self.path) if m["regex"]}
 
     @property
     def openapi_path(self) -> str:

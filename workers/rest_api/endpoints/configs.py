@@ -28,9 +28,11 @@ from workers.rest_api.problems import Problem
 from workers.rest_api.routes import Call, Reply, RouteTable
 
 RESOLVE_CACHE_S = 1.0
-SERVICE = "{service:[A-Za-z0-9_.:-]+}"
+SERVICE_NAME = "^[A-Za-z0-9_.:-]{1,128}$"  # a config document's id in storage
+SERVICE = "{service:[A-Za-z0-9_.:-]{1,128}}"
 TAGS = ("configs",)
-Version = Annotated[int, Meta(ge=1)]
+MAX_VERSION = 2 ** 63 - 1  # storage encodes versions as 64-bit integers
+Version = Annotated[int, Meta(ge=1, le=MAX_VERSION)]
 
 
 
@@ -221,6 +223,8 @@ def install(table: RouteTable, deps: Deps) -> None:
         version = int(call.params["version"])
         if version < 1:
             raise not_found("versions count from 1")
+        if version > MAX_VERSION:
+            raise not_found(f"no version {version} of {call.params['service']!r}")
         return await current(deps, call.params["service"], version)
 
     @table.route("GET", f"/v1/config/{SERVICE}/diff", role=viewer, query=DiffQuery,

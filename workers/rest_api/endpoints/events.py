@@ -20,7 +20,8 @@ from workers.rest_api.routes import Call, RouteTable
 
 MAX_SCAN = 5_000
 READ = 1_000
-Ms = Annotated[int, Meta(ge=0, description="Milliseconds since the epoch.")]
+Ms = Annotated[int, Meta(ge=0, le=2 ** 62 // 1_000_000,
+                         description="Milliseconds since the epoch.")]
 
 
 class Event(Struct, kw_only=True):

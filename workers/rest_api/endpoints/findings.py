@@ -19,8 +19,8 @@ from workers.rest_api.endpoints.common import (MAX_PAGE, Deps, decode_cursor, en
                                                scan_documents)
 from workers.rest_api.routes import Call, RouteTable
 
-Ms = Annotated[int, Meta(ge=0, description="Milliseconds since the epoch.")]
-FOREVER_MS = 2 ** 62 // 1_000_000
+FOREVER_MS = 2 ** 62 // 1_000_000  # in nanoseconds it still fits storage's 64-bit integers
+Ms = Annotated[int, Meta(ge=0, le=FOREVER_MS, description="Milliseconds since the epoch.")]
 MAX_POINTS = 10_000
 
 

@@ -23,7 +23,7 @@ from workers.rest_api.auth import Role
 from workers.rest_api.endpoints.common import (MAX_PAGE, Deps, active_rollouts,
                                                command_problem, conflict, decode_cursor,
                                                encode_cursor, not_found, scan_documents)
-from workers.rest_api.endpoints.configs import current, write
+from workers.rest_api.endpoints.configs import SERVICE_NAME, current, write
 from workers.rest_api.problems import Problem
 from workers.rest_api.processor_link import CommandFailed
 from workers.rest_api.routes import Call, Reply, RouteTable
@@ -80,7 +80,7 @@ class ListQuery(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class Experiment(Struct, kw_only=True, forbid_unknown_fields=True):
-    service: Annotated[str, Meta(min_length=1, max_length=128)]
+    service: Annotated[str, Meta(pattern=SERVICE_NAME)]  # what a config's name may be
     change: Annotated[dict[str, Any], Meta(min_length=1, description=(
         "Overrides of the service's config: model, parameters, cache, rate_limit, batching, "
         "prompt."))]
