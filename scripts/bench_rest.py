@@ -1,0 +1,299 @@
+#!/usr/bin/env python3
+"""REST API throughput and latency over real HTTP, as API clients see it.
+
+Starts optimizerd (storage, collector, processor and the REST API) in a temp dir, with the REST rate
+limit raised so that it does not cap the run, creates an API key, sets a config for a service
+through the API, then measures two operations with aiohttp clients in several processes:
+
+* ``GET /v1/config/{service}/resolve?key=...`` with a different key every request;
+* ``GET /v1/optimizations?limit=20``, an authenticated list call.
+
+Each is measured closed loop first (every client connection sends its next request as soon as
+the previous answer is in: the maximum throughput), then open loop at half that rate: requests
+are sent on a fixed schedule and latency counts from the *scheduled* send time, so a server
+that falls behind is not hidden by clients that wait for it (no coordinated omission).
+
+    python scripts/bench_rest.py [--processes 1 2] [--seconds 5] [--clients 2] [--conns 32]
+
+The daemon is always killed at the end, whatever happens.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import tomli_w
+
+SERVICE = "bench-svc"
+OPTIMIZERD = os.path.join(os.path.dirname(sys.executable), "optimizerd")
+OPTIMIZERCTL = os.path.join(os.path.dirname(sys.executable), "optimizerctl")
+if not os.path.exists(OPTIMIZERD):
+    OPTIMIZERD, OPTIMIZERCTL = "optimizerd", "optimizerctl"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(method: str, url: str, key: str | None = None, body: object = None
+         ) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    data = None
+    if body is not None:
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except OSError:
+        return 0, b""
+
+
+@contextmanager
+def daemon(processes: int) -> Iterator[tuple[str, str]]:
+    """optimizerd with storage, collector, processor and ``processes`` REST API processes in a
+    temp dir; yields (base URL, runtime dir) and is killed at the end."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-rest-", dir="/tmp"))
+    runtime = str(workdir / "run")
+    listen = f"127.0.0.1:{free_port()}"
+    doc: dict = {"supervisor": {"runtime_dir": runtime, "data_dir": str(workdir / "data")},
+                 "admin": {"listen": f"127.0.0.1:{free_port()}"}, "storage": {},
+                 "collector": {"listen": f"127.0.0.1:{free_port()}",  # the processor needs it
+                               "otlp_grpc_listen": f"127.0.0.1:{free_port()}"},
+                 "processor": {},
+                 "rest_api": {"listen": listen, "processes": processes,
+                              "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
+                              "max_in_flight": 4096}}
+    for name in ("grpc_api", "integrations"):
+        doc[name] = {"enabled": False}
+    (workdir / "optimizer.toml").write_text(tomli_w.dumps(doc))
+    log = open(workdir / "daemon.log", "w")
+    proc = subprocess.Popen([OPTIMIZERD, "start", "-c", str(workdir / "optimizer.toml")],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    base = f"http://{listen}"
+    try:
+        deadline = time.monotonic() + 60
+        while http("GET", base + "/ready")[0] != 200:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("the REST API did not come up:\n"
+                                 + (workdir / "daemon.log").read_text()[-3000:])
+            time.sleep(0.1)
+        yield base, runtime
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        except (OSError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
+        log.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def create_key(runtime: str, role: str) -> str:
+    done = subprocess.run([OPTIMIZERCTL, "--runtime-dir", runtime, "api-key", "create",
+                           "--role", role, "--name", "bench"], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise SystemExit(f"api-key create failed: {done.stderr}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+# --- clients (each in its own process) ---------------------------------------------------------
+
+def path_for(kind: str, i: int) -> str:
+    if kind == "resolve":
+        return f"/v1/config/{SERVICE}/resolve?key=user-{i}"
+    return "/v1/optimizations?limit=20"
+
+
+async def _closed(base: str, key: str, kind: str, conns: int, seconds: float,
+                  offset: int) -> tuple[int, int, list[float]]:
+    import aiohttp
+    headers = {"Authorization": f"Bearer {key}"}
+    done = errors = 0
+    latencies: list[float] = []
+    connector = aiohttp.TCPConnector(limit=conns, force_close=False)
+    async with aiohttp.ClientSession(base, connector=connector, headers=headers) as session:
+        # warm the connections up, then measure
+        await asyncio.gather(*(session.get(path_for(kind, offset + c)) for c in range(conns)))
+        stop = time.perf_counter() + seconds
+
+        async def loop(c: int) -> None:
+            nonlocal done, errors
+            i = offset + c
+            while time.perf_counter() < stop:
+                started = time.perf_counter()
+                async with session.get(path_for(kind, i)) as answer:
+                    await answer.read()
+                    if answer.status == 200:
+                        done += 1
+                        latencies.append(time.perf_counter() - started)
+                    else:
+                        errors += 1
+                i += conns
+        await asyncio.gather(*(loop(c) for c in range(conns)))
+    return done, errors, latencies
+
+
+async def _open(base: str, key: str, kind: str, conns: int, seconds: float, rate: float,
+                offset: int) -> tuple[int, int, list[float]]:
+    """Send at ``rate`` requests/s on a fixed schedule; latency from the scheduled time."""
+    import aiohttp
+    headers = {"Authorization": f"Bearer {key}"}
+    done = errors = 0
+    latencies: list[float] = []
+    connector = aiohttp.TCPConnector(limit=conns)
+    async with aiohttp.ClientSession(base, connector=connector, headers=headers) as session:
+        await asyncio.gather(*(session.get(path_for(kind, offset + c)) for c in range(conns)))
+        total = int(rate * seconds)
+        start = time.perf_counter() + 0.05
+        pending: set[asyncio.Task] = set()
+
+        async def one(i: int, scheduled: float) -> None:
+            nonlocal done, errors
+            try:
+                async with session.get(path_for(kind, offset + i)) as answer:
+                    await answer.read()
+                    ok = answer.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            if ok:
+                done += 1
+                latencies.append(time.perf_counter() - scheduled)
+            else:
+                errors += 1
+
+        for i in range(total):
+            scheduled = start + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(i, scheduled))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.gather(*pending)
+    return done, errors, latencies
+
+
+def _client(args: tuple, out: mp.Queue) -> None:
+    mode, rest = args[0], args[1:]
+    runner = _closed if mode == "closed" else _open
+    try:
+        out.put(("ok", asyncio.run(runner(*rest))))
+    except Exception as exc:  # reported by the parent
+        out.put(("error", repr(exc)))
+
+
+def run_clients(clients: int, mode: str, base: str, key: str, kind: str, conns: int,
+                seconds: float, rate: float = 0.0) -> tuple[int, int, list[float], float]:
+    """(successes, errors, latencies in s, wall seconds) over ``clients`` processes."""
+    ctx = mp.get_context("fork")
+    out: mp.Queue = ctx.Queue()
+    procs = []
+    for c in range(clients):
+        extra = (rate / clients,) if mode == "open" else ()
+        args = (mode, base, key, kind, conns, seconds, *extra, c * 10_000_000)
+        procs.append(ctx.Process(target=_client, args=(args, out), daemon=True))
+    started = time.perf_counter()
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=seconds + 120) for _ in procs]
+    wall = time.perf_counter() - started
+    for p in procs:
+        p.join(10)
+    done = errors = 0
+    latencies: list[float] = []
+    for status, value in results:
+        if status != "ok":
+            raise SystemExit(f"a client failed: {value}")
+        done, errors = done + value[0], errors + value[1]
+        latencies += value[2]
+    return done, errors, latencies, wall
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+def bench(processes: int, seconds: float, clients: int, conns: int) -> list[dict]:
+    rows = []
+    with daemon(processes) as (base, runtime):
+        key = create_key(runtime, "operator")
+        status, body = http("PUT", f"{base}/v1/config/{SERVICE}", key,
+                            {"expected_version": 0,
+                             "config": {"model": "gpt-4o", "parameters": {"temperature": 0.2}}})
+        if status not in (200, 201):
+            raise SystemExit(f"PUT config answered {status}: {body[:300]!r}")
+        status, body = http("GET", f"{base}/v1/config/{SERVICE}/resolve?key=probe", key)
+        if status != 200:
+            raise SystemExit(f"resolve answered {status}: {body[:300]!r}")
+        for kind in ("resolve", "list"):
+            done, errors, lat, _ = run_clients(clients, "closed", base, key, kind, conns,
+                                               seconds)
+            max_rps = done / seconds
+            row = {"processes": processes, "operation": kind, "max_rps": max_rps,
+                   "closed_errors": errors, "closed_p50_ms": percentile(lat, 0.5) * 1e3,
+                   "closed_p99_ms": percentile(lat, 0.99) * 1e3}
+            rate = max_rps / 2
+            done, errors, lat, _ = run_clients(clients, "open", base, key, kind, conns,
+                                               seconds, rate)
+            row.update({"open_rate": rate, "open_done": done, "open_errors": errors,
+                        "open_p50_ms": percentile(lat, 0.5) * 1e3,
+                        "open_p99_ms": percentile(lat, 0.99) * 1e3})
+            rows.append(row)
+            print(f"rest_api processes={processes} {kind:8s} closed: {max_rps:8.0f} req/s "
+                  f"(p50 {row['closed_p50_ms']:.1f} ms, p99 {row['closed_p99_ms']:.1f} ms, "
+                  f"{row['closed_errors']} errors) | open at {rate:.0f} req/s: "
+                  f"p50 {row['open_p50_ms']:.2f} ms, p99 {row['open_p99_ms']:.2f} ms "
+                  f"({done} ok, {errors} errors)", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
+                        help="[rest_api] processes to try (default: 1 2)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--conns", type=int, default=32, help="connections per client")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} CPUs; {args.clients} client processes x {args.conns} connections, "
+          f"{args.seconds:g} s per measurement", flush=True)
+    rows = []
+    for processes in args.processes:
+        rows += bench(processes, args.seconds, args.clients, args.conns)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
