@@ -391,10 +391,12 @@ def test_experiment_streams_config_and_rollout_events_and_blocks_config_writes(d
     api, viewer, op = daemon.api, daemon.keys["viewer"], daemon.keys["operator"]
     assert api("GET", "/v1/events/stream", key=None)[0] == 401
     received: list = []
+    opened = threading.Event()  # the stream starts at the log's end: open it first
     reader = threading.Thread(target=lambda: received.extend(
-        sse_events(daemon, viewer, "?service=sse-svc", want=2)))
+        sse_events(daemon, viewer, "?service=sse-svc", want=2, opened=opened)))
     reader.start()
-    time.sleep(0.5)  # the stream starts at the log's end
+    wait_until(lambda: opened.is_set() or not reader.is_alive(), 20)
+    assert opened.is_set(), "the SSE stream did not open"
     assert put_config(daemon, "sse-svc", "gpt-4o")[0] == 201
     status, _, check = api("POST", "/v1/optimizations/validate", key=op,
                            body={"service": "sse-svc", "change": {"model": ""}})

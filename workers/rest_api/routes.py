@@ -9,6 +9,7 @@ from the same table, so code and documentation cannot drift apart.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -187,10 +188,17 @@ async def _spend(limiter: Limiter, principal: Principal) -> None:
         log.warning("rate limiter unavailable, request admitted: %s", exc)
 
 
-def _decode_query(request: web.Request, kind: type[msgspec.Struct]) -> Any:
+@functools.cache
+def _repeatable(kind: type[msgspec.Struct]) -> frozenset[str]:
+    """The query parameters of ``kind`` that may repeat (lists); once per type, since
+    inspecting a type costs more than serving a request."""
     info = msgspec.inspect.type_info(kind)
     assert isinstance(info, msgspec.inspect.StructType)
-    many = {f.encode_name for f in info.fields if isinstance(f.type, _SEQUENCE_TYPES)}
+    return frozenset(f.encode_name for f in info.fields if isinstance(f.type, _SEQUENCE_TYPES))
+
+
+def _decode_query(request: web.Request, kind: type[msgspec.Struct]) -> Any:
+    many = _repeatable(kind)
     raw = {name: request.query.getall(name) if name in many else request.query[name]
            for name in request.query}
     try:
