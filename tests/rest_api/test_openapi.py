@@ -108,12 +108,12 @@ def test_document_is_valid_openapi_31() -> None:
     post = doc["paths"]["/v1/changes"]["post"]
     assert post["requestBody"]["content"]["application/json"]["schema"] == \
         {"$ref": "#/components/schemas/Change"}
-    assert {"201", "400", "401", "403", "409", "413", "415", "422", "429"} == \
+    assert {"201", "400", "401", "403", "409", "413", "415", "422", "429", "503"} == \
         set(post["responses"])
     assert post["x-required-role"] == "operator"
     assert post["security"] == [{"bearerAuth": []}, {"apiKeyAuth": []}]
     ping = doc["paths"]["/v1/ping"]["get"]
-    assert ping["security"] == [] and set(ping["responses"]) == {"200"}
+    assert ping["security"] == [] and set(ping["responses"]) == {"200", "503"}
     listing = doc["paths"]["/v1/items"]["get"]
     assert [(p["name"], p["in"], p["required"]) for p in listing["parameters"]] == \
         [("limit", "query", False), ("tag", "query", False)]

@@ -3,7 +3,8 @@
 Schemas come from ``msgspec.json.schema_components`` over the very types the routes decode and
 encode, so the document says what the server does. Every authenticated operation documents its
 401, 403 and 429 problems; operations with input document 400/413/415/422; operations whose
-path parameters are constrained (``{name:regex}``) document the pattern and 404.
+path parameters are constrained (``{name:regex}``) document the pattern and 404; every
+operation documents 503 (in-flight or time limit, storage unavailable).
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def _operation(route: Route, schemas: dict[Any, Any], components: dict[str, Any]
         if kind is not None:
             answer["content"] = {"application/json": {"schema": schemas[kind]}}
         responses[str(status)] = answer
-    problems = set(route.problems)
+    # Any operation may meet a full server, its time limit or storage away (503, Retry-After).
+    problems = set(route.problems) | {503}
     if patterns:  # a value the router does not match: no resource at that path
         problems.add(404)
     if route.body is not None:
