@@ -151,6 +151,37 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+@pytest.fixture(scope="module")
+def redis_url():
+    """A throwaway redis-server on a free port, for the module; missing: a skip, or a failure
+    with CI=true."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is not installed")
+        pytest.skip("redis-server is not installed")
+    import redis
+
+    workdir = tempfile.mkdtemp(prefix="redis-")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", workdir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def answers() -> bool:
+        try:
+            return bool(redis.Redis(port=port).ping())
+        except redis.RedisError:
+            return False
+    try:
+        wait_until(answers, 10, message="redis-server did not answer")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 # --- the daemon --------------------------------------------------------------------------------
 
 def stub(settings: dict[str, Any] | None = None, **keys: Any) -> dict[str, Any]:

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import os
 import random
-import shutil
 import socket
-import subprocess
-import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import limits.aio.storage.memory
 import pytest
-from conftest import free_port, wait_until
+from conftest import free_port
 
 from workers.resilience import (
     CircuitBreaker,
@@ -164,35 +160,6 @@ def test_sliding_window_slides_rather_than_resets(monkeypatch: pytest.MonkeyPatc
         assert not await limiter.hit("k")
 
     run(scenario())
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed")
-    import redis
-
-    workdir = tempfile.mkdtemp(prefix="redis-resilience-")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def answers() -> bool:
-        try:
-            return bool(redis.Redis(port=port).ping())
-        except redis.RedisError:
-            return False
-    try:
-        wait_until(answers, 10, message="redis-server did not answer")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("exact", [True, False], ids=["moving-window", "window-counter"])
@@ -484,7 +451,9 @@ def test_retry_does_not_retry_other_errors() -> None:
         run(RetryPolicy().call(fn, retry_on=(TransientError,), sleep=sleep))
     assert fn.attempts == 1 and sleep.waits == []  # type: ignore[attr-defined]
     fn = flaky([TransientError("x", retry_after=None)] * 2)
-    predicate = lambda exc: isinstance(exc, TransientError)
+    def predicate(exc: BaseException) -> bool:
+        return isinstance(exc, TransientError)
+
     assert run(RetryPolicy().call(fn, retry_on=predicate, sleep=sleep)) == "done"
 
 

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import msgspec
@@ -213,34 +211,6 @@ def test_backup_and_restore_while_running(storage_daemon, client_for, tmp_path):
     assert c.call(s.Get(ns="test", key=b"k")) == b"before"
     assert c.call(s.LogInfo(log="events")).next_offset == 2
     assert c.call(s.LogAppend(log="events", records=[b"d"])).first_offset == 2
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("redis-server is not installed")
-        pytest.skip("redis-server is not installed")
-    workdir = tempfile.mkdtemp(prefix="redis-")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
-
-    def answers() -> bool:
-        try:
-            return redis.Redis(port=port).ping()
-        except redis.RedisError:
-            return False
-    try:
-        wait_until(answers, 10)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_document_changes_are_published_on_redis(storage_daemon, client_for, redis_url):
