@@ -182,6 +182,19 @@ def redis_url():
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """A librdkafka mock cluster (tests/storage/kafka_support.py) per test module, always
+    killed at its end."""
+    from tests.storage.kafka_support import MockCluster
+
+    mock = MockCluster.start()
+    try:
+        yield mock
+    finally:
+        mock.stop()
+
+
 # --- the daemon --------------------------------------------------------------------------------
 
 def stub(settings: dict[str, Any] | None = None, **keys: Any) -> dict[str, Any]:

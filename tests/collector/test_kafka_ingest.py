@@ -23,7 +23,7 @@ from ipc import storage as s
 from ipc.config import KafkaIngestSection
 from ipc.events import LLMEvent, decode_event
 from tests.conftest import http_get, stays_true, wait_until
-from tests.storage.kafka_support import MockCluster
+from tests.storage.kafka_support import FAST_GROUP, PARTITIONS
 from workers.collector.kafka_ingest import (
     KafkaIngest,
     consumer_conf,
@@ -36,22 +36,11 @@ from workers.storage_client import SyncStorageClient
 
 pytestmark = pytest.mark.timeout(60)
 
-PARTITIONS = 4  # the mock cluster's default for auto-created topics
 DEADLINE = 25.0  # a first group join (~3 s) and a daemon start, with a wide margin
-FAST_GROUP = {"heartbeat.interval.ms": "200", "session.timeout.ms": "4000"}
 EVENT = {"time": "2026-11-25T10:00:00Z", "service": "support-bot", "model": "gpt-4o",
          "input_tokens": 1200, "output_tokens": 300, "latency_ms": 850.5}
 
 _names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    mock = MockCluster.start()
-    try:
-        yield mock
-    finally:
-        mock.stop()
 
 
 @pytest.fixture

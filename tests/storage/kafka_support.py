@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 
 NUM_BROKERS = 3
 STARTUP_TIMEOUT = 15.0
+PARTITIONS = 4  # of a topic the mock cluster auto-creates
+# Quick group membership: the mock coordinator completes a rebalance once every member
+# rejoined, which members notice at their next heartbeat.
+FAST_GROUP = {"heartbeat.interval.ms": "200", "session.timeout.ms": "4000"}
 
 
 def serve() -> None:

@@ -29,27 +29,14 @@ from workers.eventlog.kafka import (
     producer_config,
 )
 
-from .kafka_support import MockCluster, dead_bootstrap
+from .kafka_support import FAST_GROUP, PARTITIONS, dead_bootstrap
 
 pytestmark = pytest.mark.timeout(60)
 
-PARTITIONS = 4          # the mock cluster's default for auto-created topics
 READ_DEADLINE = 20.0    # a first join (~3 s) plus a rebalance, with a wide margin
-# Quick group membership: the mock coordinator completes a rebalance once every member
-# rejoined, which members notice at their next heartbeat.
-FAST_GROUP = {"heartbeat.interval.ms": "200", "session.timeout.ms": "4000"}
 
 _names = itertools.count()
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    mock = MockCluster.start()
-    try:
-        yield mock
-    finally:
-        mock.stop()
 
 
 @pytest.fixture
