@@ -15,7 +15,6 @@ from prometheus_client import REGISTRY
 
 from ipc import storage as s
 from ipc.config import RestApiSection
-from tests.test_resilience import redis_url  # noqa: F401 (a fixture)
 from workers.resilience.ratelimit import RateLimited, SlidingWindowLimiter
 from workers.rest_api.api_keys import ApiKeyStore
 from workers.rest_api.auth import Authenticator, Role
