@@ -68,7 +68,8 @@ async def read_json(request: web.Request) -> Any | web.Response:
 
 
 async def batch_of(request: web.Request, key: str) -> list | web.Response:
-    """The list under ``key`` of a ``{key: [...]}`` body, or the problem answer instead."""
+    """The list under ``key`` of a ``{key: [...]}`` body, counted against the client's rate
+    limit, or the problem answer instead (400, 413, 415, 429)."""
     body = await read_json(request)
     if isinstance(body, web.Response):
         return body
@@ -81,7 +82,8 @@ async def batch_of(request: web.Request, key: str) -> list | web.Response:
     if len(body[key]) > MAX_EVENTS_PER_REQUEST:
         return problem(413, "Content Too Large", f"{len(body[key])} {key} items in one "
                        f"request; at most {MAX_EVENTS_PER_REQUEST}")
-    return body[key]
+    refusal = over_budget(request, SOURCE, len(body[key]))
+    return body[key] if refusal is None else refusal
 
 
 async def post_events(request: web.Request) -> web.Response:
@@ -90,9 +92,6 @@ async def post_events(request: web.Request) -> web.Response:
     items = await batch_of(request, "events")
     if isinstance(items, web.Response):
         return items
-    refusal = over_budget(request, SOURCE, len(items))
-    if refusal is not None:
-        return refusal
     accepted, rejected, dead = [], [], []
     for index, item in enumerate(items):
         try:
@@ -114,9 +113,6 @@ async def post_feedback(request: web.Request) -> web.Response:
     items = await batch_of(request, "feedback")
     if isinstance(items, web.Response):
         return items
-    refusal = over_budget(request, SOURCE, len(items))
-    if refusal is not None:
-        return refusal
     received = time.time_ns()
     accepted, rejected = [], []
     for index, item in enumerate(items):
