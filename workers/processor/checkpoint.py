@@ -9,7 +9,7 @@ The state can outgrow one storage request (1 MiB), so it is compressed and writt
 under a new generation (``processor.ckpt.<gen>.<i>`` in the ``state`` namespace), then the
 manifest ``processor.ckpt`` is switched to that generation in one put, and only then are the
 previous generation's chunks deleted. A crash at any point leaves the previous manifest and
-all of its chunks intact.
+all of its chunks intact; chunks a crash leaves behind are collected at the next load.
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ class CheckpointStore:
     def __init__(self, client: StorageClient):
         self.client = client
         self.generation = 0
+        self.chunks = 0  # of the current generation, deleted once the next one is in place
         self.saved_bytes = 0  # compressed size of the last checkpoint, for status
 
     async def load(self) -> Checkpoint | None:
@@ -81,6 +82,8 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint generation {manifest.generation}: "
                                   f"{len(compressed)} bytes, manifest says {manifest.size}")
         self.generation, self.saved_bytes = manifest.generation, manifest.size
+        self.chunks = manifest.chunks
+        await self._collect_garbage()
         return Checkpoint(manifest.positions, manifest.feedback_position,
                           zlib.decompress(compressed))
 
@@ -94,20 +97,25 @@ class CheckpointStore:
         manifest = _Manifest(FORMAT_VERSION, generation, len(chunks), len(compressed),
                              checkpoint.positions, checkpoint.feedback_position)
         await self.client.put(NS, MANIFEST_KEY, msgspec.msgpack.encode(manifest))
-        self.generation, self.saved_bytes = generation, len(compressed)
-        await self._delete_older(generation)
+        previous = [_chunk_key(self.generation, i) for i in range(self.chunks)]
+        self.generation, self.chunks = generation, len(chunks)
+        self.saved_bytes = len(compressed)
+        if previous:
+            try:
+                await self.client.call(s.Batch(ops=[s.Delete(ns=NS, key=k) for k in previous]))
+            except s.StorageFailure as exc:  # garbage only: the next load collects it
+                log.warning("checkpoint generation %d not deleted: %s", generation - 1, exc)
 
-    async def _delete_older(self, generation: int) -> None:
-        """Drop the chunks of every other generation (also those a crash left behind); a
-        failure only leaves garbage, logged, for the next checkpoint to collect."""
+    async def _collect_garbage(self) -> None:
+        """At load: drop the chunks of every other generation than the current one, which a
+        crash (between writing chunks and the manifest) or a failed delete left behind."""
         keys = []
-        keep = _chunk_key(generation, 0).rsplit(b".", 1)[0] + b"."
-        prefix = b"processor.ckpt."
+        keep = _chunk_key(self.generation, 0).rsplit(b".", 1)[0] + b"."
         cursor = None
         try:
             while True:
-                page = await self.client.call(s.Scan(ns=NS, prefix=prefix, limit=1000,
-                                                     cursor=cursor))
+                page = await self.client.call(s.Scan(ns=NS, prefix=b"processor.ckpt.",
+                                                     limit=1000, cursor=cursor))
                 keys += [r.key for r in page.records if not r.key.startswith(keep)]
                 cursor = page.next_cursor
                 if cursor is None:
