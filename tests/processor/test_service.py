@@ -224,3 +224,33 @@ def test_operator_commands_through_optimizerctl(daemon):
     assert json.loads(daemon.ctl("call", "processor", "rollouts").stdout) == {}
     r = daemon.ctl("call", "processor", "abort", "--arg", "service=writer")
     assert r.returncode == 2 and "no rollout running" in r.stderr
+
+
+def test_only_open_proposals_are_deployed_or_dismissed(daemon):
+    """A caching proposal from repeated prompts: deployed, it can be neither deployed again nor
+    dismissed; aborted, it stays rolled back."""
+    events = []
+    for minute in range(12):
+        for i in range(300):
+            events.append({
+                "event_id": f"faq-{minute}-{i}", "time": T0 + 60 * minute + i * 0.2,
+                "service": "faq", "model": "gpt-4o", "input_tokens": 1500,
+                "output_tokens": 400, "latency_ms": 700.0, "quality": 0.8,
+                "prompt_fingerprint": f"hot-{i % 10}" if i % 2 else f"u-{minute}-{i}"})
+    for i in range(0, len(events), 600):
+        post(daemon.url, events[i:i + 600])
+
+    def caching() -> list:
+        r = daemon.ctl("call", "processor", "proposals")
+        return [p for p in json.loads(r.stdout) if p["strategy"] == "caching"]
+    proposal = wait_until(caching, 30)[0]
+    assert proposal["status"] == "open" and proposal["service"] == "faq"
+    ident = f"proposal={proposal['id']}"
+    r = daemon.ctl("call", "processor", "deploy", "--arg", ident)
+    assert r.returncode == 0 and json.loads(r.stdout)["kind"] == "started", r.stderr
+    for command in ("deploy", "dismiss"):
+        r = daemon.ctl("call", "processor", command, "--arg", ident)
+        assert r.returncode == 2 and "is deploying, not open" in r.stderr, (command, r.stderr)
+    assert daemon.ctl("call", "processor", "abort", "--arg", "service=faq").returncode == 0
+    r = daemon.ctl("call", "processor", "dismiss", "--arg", ident)
+    assert r.returncode == 2 and "is rolled_back, not open" in r.stderr

@@ -220,6 +220,17 @@ class ProcessorWorker(Worker):
         await self.settle_transitions(now_ns)
         return transition.to_dict()
 
+    def open_proposal(self, args: dict[str, Any]) -> Entry:
+        """The proposal ``args["proposal"]`` names, which must still be open (deploying,
+        promoted, rolled back or dismissed ones are past deciding)."""
+        try:
+            entry = self.core.proposals.get(str(args.get("proposal", "")))
+        except UnknownProposal as exc:
+            raise ValueError(str(exc)) from None
+        if entry.status != "open":
+            raise ValueError(f"proposal {entry.proposal.id!r} is {entry.status}, not open")
+        return entry
+
     async def configure(self, args: dict[str, Any], now_ns: int) -> dict[str, Any]:
         """An operator sets a service's config (a new version; the first one registers it)."""
         service, model = str(args.get("service", "")), str(args.get("model", ""))
@@ -302,22 +313,14 @@ class ProcessorWorker(Worker):
         if command == "proposals":
             return [e.to_dict() for e in self.core.proposals.entries.values()]
         if command == "deploy":
-            try:
-                entry = self.core.proposals.get(str(args.get("proposal", "")))
-            except UnknownProposal as exc:
-                raise ValueError(str(exc)) from None
-            if entry.status != "open":
-                raise ValueError(f"proposal {entry.proposal.id!r} is {entry.status}, not open")
+            entry = self.open_proposal(args)
             try:
                 return await self.deploy(entry, now)
             except RolloutError as exc:
                 raise ValueError(str(exc)) from None
         if command == "dismiss":
-            try:
-                entry = self.core.proposals.set_status(str(args.get("proposal", "")),
-                                                       "dismissed", "by an operator", now)
-            except UnknownProposal as exc:
-                raise ValueError(str(exc)) from None
+            entry = self.open_proposal(args)
+            self.core.proposals.set_status(entry.proposal.id, "dismissed", "by an operator", now)
             await self.outputs.proposal(entry.proposal.id, entry.to_dict())
             return entry.to_dict()
         if command == "configure":
