@@ -12,6 +12,7 @@ rewrites the same windows; an event record may then be appended twice (readers d
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import defaultdict
 from collections.abc import Sequence
@@ -58,8 +59,10 @@ class Outputs:
                                                  body=ws.encode_key(key), expected_version=0))
             except s.Conflict:
                 pass  # known from an earlier run
-        for series, batch in points.items():
-            await self.storage.call(s.TsAppend(ns=ws.NS, series=series, points=batch))
+        # One request per series, all in flight at once: the storage socket pipelines them.
+        await asyncio.gather(*(self.storage.call(s.TsAppend(ns=ws.NS, series=series,
+                                                            points=batch))
+                               for series, batch in points.items()))
 
     async def findings(self, updates: Sequence[FindingUpdate]) -> None:
         for update in updates:
