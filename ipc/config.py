@@ -307,6 +307,10 @@ class RestApiSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
     rate_limit_storage: Annotated[str, doc(
         "Where rate-limit counters live: empty for this process's memory, or a redis:// URL "
         "so that several processes and replicas share them.")] = ""
+    cache_ttl_s: Annotated[float, doc(
+        "How long a process reuses list and read answers and resolved configs; a change made "
+        "through another process or by the processor shows after at most this. 0: no cache.",
+        ge=0, le=60)] = 1.0
     jwt: Annotated[JwtSection, doc("Bearer tokens (JWT).")] = field(default_factory=JwtSection)
 
 

@@ -6,7 +6,9 @@ limit raised so that it does not cap the run, creates an API key, sets a config 
 through the API, then measures two operations with aiohttp clients in several processes:
 
 * ``GET /v1/config/{service}/resolve?key=...`` with a different key every request;
-* ``GET /v1/optimizations?limit=20``, an authenticated list call.
+* ``GET /v1/optimizations?limit=20``, an authenticated list call over 60 proposal documents
+  seeded as the processor writes them (answers come from the per-process response cache,
+  ``[rest_api] cache_ttl_s``: each process reads storage once a second).
 
 Each is measured closed loop first (every client connection sends its next request as soon as
 the previous answer is in: the maximum throughput), then open loop at half that rate: requests
@@ -38,6 +40,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import tomli_w
+
+from ipc import storage as s
+from workers.processor.outputs import PROPOSALS_NS, doc_id
+from workers.storage_client import SyncStorageClient
 
 SERVICE = "bench-svc"
 OPTIMIZERD = os.path.join(os.path.dirname(sys.executable), "optimizerd")
@@ -111,6 +117,28 @@ def daemon(processes: int) -> Iterator[tuple[str, str]]:
             proc.wait()
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def seed_optimizations(runtime: str, count: int) -> None:
+    """Proposal documents as the processor writes them, so that the list call reads a full
+    page (an empty namespace would flatter it)."""
+    client = SyncStorageClient(runtime)
+    try:
+        client.pipeline([s.DocPut(ns=PROPOSALS_NS, id=doc_id("p", f"cheaper-model:svc-{i}"),
+                                  body=json.dumps(_proposal(i)).encode())
+                         for i in range(count)])
+    finally:
+        client.close()
+
+
+def _proposal(i: int) -> dict:
+    return {"id": f"cheaper-model:svc-{i}", "strategy": "cheaper_model",
+            "service": f"svc-{i % 7}", "operation": "chat", "model": "gpt-4o",
+            "title": f"Move svc-{i % 7} from gpt-4o to gpt-4o-mini", "status": "open",
+            "status_detail": "", "change": {"model": "gpt-4o-mini"},
+            "expected_impact": {"cost_reduction_pct": 82.0, "quality_delta_pct": -0.4},
+            "rationale": "quality holds on the sampled traffic", "first_ns": i,
+            "updated_ns": i}
 
 
 def create_key(runtime: str, role: str) -> str:
@@ -247,6 +275,7 @@ def bench(processes: int, seconds: float, clients: int, conns: int) -> list[dict
     rows = []
     with daemon(processes) as (base, runtime):
         key = create_key(runtime, "operator")
+        seed_optimizations(runtime, 60)
         status, body = http("PUT", f"{base}/v1/config/{SERVICE}", key,
                             {"expected_version": 0,
                              "config": {"model": "gpt-4o", "parameters": {"temperature": 0.2}}})

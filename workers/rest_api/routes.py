@@ -24,6 +24,7 @@ from workers.resilience.ratelimit import (LimiterUnavailable, RateLimited, Slidi
                                           TokenBucket)
 from workers.rest_api.auth import PRINCIPAL_KEY, Authenticator, Principal, Role, authorize
 from workers.rest_api.problems import Problem, invalid_input
+from workers.rest_api.response_cache import ResponseCache
 
 log = logging.getLogger("workers.rest_api")
 
@@ -71,6 +72,7 @@ class Route:
     summary: str = ""
     description: str = ""
     tags: tuple[str, ...] = ()
+    cached: bool = False  # a GET whose answers may be reused for the cache's TTL
 
     @property
     def operation_id(self) -> str:
@@ -120,30 +122,35 @@ class RouteTable:
     def route(self, method: str, path: str, *, role: Role | None,
               responses: Mapping[int, Any], body: Any = None,
               query: type[msgspec.Struct] | None = None, problems: tuple[int, ...] = (),
-              summary: str = "", description: str = "", tags: tuple[str, ...] = ()
-              ) -> Callable[[Handler], Handler]:
+              summary: str = "", description: str = "", tags: tuple[str, ...] = (),
+              cached: bool = False) -> Callable[[Handler], Handler]:
         """Decorator form of ``add``; the summary defaults to the docstring's first line."""
         def register(handler: Handler) -> Handler:
             doc = (handler.__doc__ or "").strip()
             self.add(Route(method=method.upper(), path=path, handler=handler, role=role,
                            responses=responses, body=body, query=query, problems=problems,
                            summary=summary or doc.partition("\n")[0],
-                           description=description or doc, tags=tags))
+                           description=description or doc, tags=tags, cached=cached))
             return handler
         return register
 
     def install(self, app: web.Application, authenticator: Authenticator,
-                limiter: Limiter | None = None) -> None:
+                limiter: Limiter | None = None, cache: ResponseCache | None = None) -> None:
+        """Serve every route; ``cache`` keeps the answers of the ``cached`` ones and is
+        cleared by every state-changing call."""
         for route in self.routes:
             app.router.add_route(route.method, route.path,
-                                 _serve(route, authenticator, limiter),
+                                 _serve(route, authenticator, limiter, cache),
                                  name=route.operation_id)
 
 
-def _serve(route: Route, authenticator: Authenticator, limiter: Limiter | None
+def _serve(route: Route, authenticator: Authenticator, limiter: Limiter | None,
+           cache: ResponseCache | None
            ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     body_decoder = msgspec.json.Decoder(route.body) if route.body is not None else None
     default_status = next(iter(route.responses))
+    reuse = cache if route.cached and route.method == "GET" else None
+    invalidate = cache if route.method not in ("GET", "HEAD") else None
 
     async def serve(request: web.Request) -> web.StreamResponse:
         principal = None
@@ -153,11 +160,18 @@ def _serve(route: Route, authenticator: Authenticator, limiter: Limiter | None
             request[PRINCIPAL_KEY] = principal
             if limiter is not None:
                 await _spend(limiter, principal)
+        if reuse is not None and (hit := reuse.get(request.path_qs)) is not None:
+            return web.Response(status=hit.status, body=hit.body,
+                                content_type="application/json")
         query = _decode_query(request, route.query) if route.query is not None else None
         body = await _decode_body(request, body_decoder) if body_decoder is not None else None
-        result = await route.handler(Call(request=request, principal=principal,
-                                          params=dict(request.match_info), body=body,
-                                          query=query))
+        try:
+            result = await route.handler(Call(request=request, principal=principal,
+                                              params=dict(request.match_info), body=body,
+                                              query=query))
+        finally:
+            if invalidate is not None:  # even a failed write may have changed something
+                invalidate.clear()
         if isinstance(result, web.StreamResponse):
             return result
         reply = result if isinstance(result, Reply) else Reply(default_status, result)
@@ -165,7 +179,10 @@ def _serve(route: Route, authenticator: Authenticator, limiter: Limiter | None
             raise RuntimeError(f"{route.operation_id} answered the undeclared {reply.status}")
         if route.responses[reply.status] is None:
             return web.Response(status=reply.status, headers=reply.headers)
-        return web.Response(status=reply.status, body=msgspec.json.encode(reply.body),
+        encoded = msgspec.json.encode(reply.body)
+        if reuse is not None and not reply.headers:
+            reuse.put(request.path_qs, reply.status, encoded)
+        return web.Response(status=reply.status, body=encoded,
                             content_type="application/json", headers=reply.headers)
 
     serve.__name__ = route.operation_id

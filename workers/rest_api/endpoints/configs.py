@@ -27,7 +27,6 @@ from workers.rest_api.endpoints.common import (EVENTS_LOG, MAX_PAGE, Deps, confl
 from workers.rest_api.problems import Problem
 from workers.rest_api.routes import Call, Reply, RouteTable
 
-RESOLVE_CACHE_S = 1.0
 SERVICE_NAME = "^[A-Za-z0-9_.:-]{1,128}$"  # a config document's id in storage
 SERVICE = "{service:[A-Za-z0-9_.:-]{1,128}}"
 TAGS = ("configs",)
@@ -184,7 +183,7 @@ def install(table: RouteTable, deps: Deps) -> None:
         return ImportResult(written=written, unchanged=unchanged)
 
     @table.route("GET", f"/v1/config/{SERVICE}", role=viewer, responses={200: LLMConfig},
-                 problems=(404,), tags=TAGS)
+                 problems=(404,), tags=TAGS, cached=True)
     async def get_config(call: Call) -> LLMConfig:
         """The service's current config."""
         return await current(deps, call.params["service"])
@@ -199,7 +198,7 @@ def install(table: RouteTable, deps: Deps) -> None:
         return Reply(201 if stored.version == 1 else 200, stored)
 
     @table.route("GET", f"/v1/config/{SERVICE}/versions", role=viewer, query=PageQuery,
-                 responses={200: ConfigPage}, problems=(404,), tags=TAGS)
+                 responses={200: ConfigPage}, problems=(404,), tags=TAGS, cached=True)
     async def list_config_versions(call: Call) -> ConfigPage:
         """Versions, newest first; ``next_cursor`` continues with older ones."""
         query: PageQuery = call.query
@@ -255,12 +254,12 @@ def install(table: RouteTable, deps: Deps) -> None:
     async def resolve_config(call: Call) -> Resolution:
         """The variant and effective config a request key gets; sticky per key.
 
-        The config is cached for about a second per API process."""
+        The config is reused for ``[rest_api] cache_ttl_s`` (1 s) per API process."""
         service = call.params["service"]
         hit = deps.resolve_cache.get(service)
         now = time.monotonic()
         if hit is None or hit[0] <= now:
-            hit = (now + RESOLVE_CACHE_S, await current(deps, service))
+            hit = (now + deps.section.cache_ttl_s, await current(deps, service))
             deps.resolve_cache[service] = hit
         config: LLMConfig = hit[1]
         key = call.query.key

@@ -155,7 +155,7 @@ def install(table: RouteTable, deps: Deps) -> None:
     viewer = Role.VIEWER
 
     @table.route("GET", "/v1/findings", role=viewer, query=FindingQuery,
-                 responses={200: FindingPage}, tags=("findings",))
+                 responses={200: FindingPage}, tags=("findings",), cached=True)
     async def list_findings(call: Call) -> FindingPage:
         """Findings (latest evidence of each), filtered by service, kind, severity, time."""
         q: FindingQuery = call.query
@@ -176,7 +176,7 @@ def install(table: RouteTable, deps: Deps) -> None:
         return FindingPage(items=items, next_cursor=encode_cursor(after) if after else None)
 
     @table.route("GET", "/v1/metrics/windows", role=viewer, query=WindowQuery,
-                 responses={200: WindowsAnswer}, tags=("metrics",))
+                 responses={200: WindowsAnswer}, tags=("metrics",), cached=True)
     async def list_windows(call: Call) -> WindowsAnswer:
         """Closed windows per (service, model, variant, operation) key in [start, end)."""
         q: WindowQuery = call.query
@@ -195,7 +195,7 @@ def install(table: RouteTable, deps: Deps) -> None:
         return WindowsAnswer(kind=q.kind, series=series)
 
     @table.route("GET", "/v1/metrics/summary", role=viewer, query=SummaryQuery,
-                 responses={200: Summary}, tags=("metrics",))
+                 responses={200: Summary}, tags=("metrics",), cached=True)
     async def metrics_summary(call: Call) -> Summary:
         """A service's calls, errors, cost, tokens, quality and p95 over [start, end), merged
         from its tumbling windows (all models, variants and operations)."""

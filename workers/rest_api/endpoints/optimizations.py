@@ -140,7 +140,7 @@ def install(table: RouteTable, deps: Deps) -> None:
     viewer, operator = Role.VIEWER, Role.OPERATOR
 
     @table.route("GET", "/v1/optimizations", role=viewer, query=ListQuery,
-                 responses={200: OptimizationPage}, tags=TAGS)
+                 responses={200: OptimizationPage}, tags=TAGS, cached=True)
     async def list_optimizations(call: Call) -> OptimizationPage:
         """Proposals with their status, filtered by service, strategy and status."""
         q: ListQuery = call.query
@@ -159,7 +159,7 @@ def install(table: RouteTable, deps: Deps) -> None:
             next_cursor=encode_cursor(after) if after else None)
 
     @table.route("GET", f"/v1/optimizations/{ID}", role=viewer,
-                 responses={200: OptimizationDetail}, problems=(404,), tags=TAGS)
+                 responses={200: OptimizationDetail}, problems=(404,), tags=TAGS, cached=True)
     async def get_optimization(call: Call) -> OptimizationDetail:
         """One optimization with its rationale, evidence and rollout history."""
         doc_id = call.params["id"]

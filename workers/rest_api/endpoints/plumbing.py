@@ -7,7 +7,9 @@ bounded by their own per-client queue.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import re
+from collections import OrderedDict
 import time
 from collections.abc import Collection
 
@@ -27,7 +29,11 @@ LATENCY = Histogram("rest_api_request_seconds", "REST request handling time, by 
 IN_FLIGHT = Gauge("rest_api_in_flight", "REST requests being handled.",
                   multiprocess_mode="livesum")
 COMPRESS_MIN_BYTES = 1024
-_BR = re.compile(r"(?:^|,)\s*br\s*(?:;\s*q\s*=\s*(?P<q>[0-9.]+))?\s*(?:,|$)")
+COMPRESSED_MEMO = 32  # answers of at most MEMO_MAX_BODY bytes: about 10 MB at most
+MEMO_MAX_BODY = 256 * 1024
+_CODING = re.compile(
+    r"(?:^|,)\s*(?P<name>[a-z0-9*-]+)\s*(?:;\s*q\s*=\s*(?P<q>[0-9.]+))?\s*(?=,|$)")
+_compressed: OrderedDict[tuple[str, bytes], bytes] = OrderedDict()
 
 
 def route_label(request: web.Request) -> str:
@@ -115,30 +121,51 @@ def make_cors(origins: Collection[str]) -> Middleware:
     return cors
 
 
-def _wants_brotli(accept_encoding: str) -> bool:
-    found = _BR.search(accept_encoding.lower())
-    if found is None:
-        return False
-    try:
-        return found["q"] is None or float(found["q"]) > 0
-    except ValueError:
-        return False
+def _accepted_codings(accept_encoding: str) -> set[str]:
+    """The content codings an Accept-Encoding header accepts (q above 0)."""
+    accepted = set()
+    for found in _CODING.finditer(accept_encoding.lower()):
+        try:
+            if found["q"] is None or float(found["q"]) > 0:
+                accepted.add(found["name"])
+        except ValueError:
+            continue
+    return accepted
+
+
+def _compress(body: bytes, coding: str) -> bytes:
+    """``body`` in ``coding``; the latest answers are memoized, so a page that the response
+    cache serves many times is compressed once (a cached body is the same bytes object, whose
+    hash Python keeps)."""
+    key = (coding, body)
+    done = _compressed.get(key)
+    if done is None:
+        done = (brotli.compress(body, quality=4) if coding == "br"
+                else gzip.compress(body, compresslevel=6, mtime=0))
+        if len(body) > MEMO_MAX_BODY:
+            return done
+        _compressed[key] = done
+        while len(_compressed) > COMPRESSED_MEMO:
+            _compressed.popitem(last=False)
+    else:
+        _compressed.move_to_end(key)
+    return done
 
 
 @web.middleware
 async def compression(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """br when the client takes it (aiohttp itself offers gzip and deflate only), else
-    aiohttp's gzip/deflate negotiation; small and streamed answers are sent as they are."""
+    """br when the client takes it, else gzip when it takes that; small and streamed answers
+    are sent as they are."""
     response = await handler(request)
     if (not isinstance(response, web.Response) or response.prepared
             or response.body is None or not isinstance(response.body, bytes)
             or len(response.body) < COMPRESS_MIN_BYTES
             or "Content-Encoding" in response.headers):
         return response
-    if _wants_brotli(request.headers.get("Accept-Encoding", "")):
-        response.body = brotli.compress(response.body, quality=4)
-        response.headers["Content-Encoding"] = "br"
-        response.headers.add("Vary", "Accept-Encoding")
-    else:
-        response.enable_compression()
+    accepted = _accepted_codings(request.headers.get("Accept-Encoding", ""))
+    coding = "br" if "br" in accepted else "gzip" if "gzip" in accepted else None
+    response.headers.add("Vary", "Accept-Encoding")
+    if coding is not None:
+        response.body = _compress(response.body, coding)
+        response.headers["Content-Encoding"] = coding
     return response

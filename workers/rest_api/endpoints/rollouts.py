@@ -36,7 +36,7 @@ def view(doc_id: str, body: dict[str, Any]) -> RolloutView:
 
 def install(table: RouteTable, deps: Deps) -> None:
     @table.route("GET", "/v1/rollouts", role=Role.VIEWER, query=RolloutQuery,
-                 responses={200: RolloutPage}, tags=TAGS)
+                 responses={200: RolloutPage}, tags=TAGS, cached=True)
     async def list_rollouts(call: Call) -> RolloutPage:
         """Rollouts with every transition, filtered by service and phase."""
         q: RolloutQuery = call.query
@@ -49,7 +49,7 @@ def install(table: RouteTable, deps: Deps) -> None:
                            next_cursor=encode_cursor(after) if after else None)
 
     @table.route("GET", "/v1/rollouts/{id:rollout:[A-Za-z0-9_.:-]+}", role=Role.VIEWER,
-                 responses={200: RolloutView}, problems=(404,), tags=TAGS)
+                 responses={200: RolloutView}, problems=(404,), tags=TAGS, cached=True)
     async def get_rollout(call: Call) -> RolloutView:
         """One rollout, with the judge's evidence at every transition."""
         try:

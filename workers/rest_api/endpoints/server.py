@@ -30,6 +30,7 @@ from workers.rest_api.endpoints.plumbing import (compression, make_cors, make_li
 from workers.rest_api.openapi import add_docs_routes
 from workers.rest_api.problems import problem_middleware, request_id_middleware
 from workers.rest_api.processor_link import ControlLink
+from workers.rest_api.response_cache import ResponseCache
 from workers.rest_api.routes import Limiter
 from workers.storage_client import StorageClient
 
@@ -103,7 +104,7 @@ def build(config: Config, section: RestApiSection, runtime_dir: str) -> Server:
     app.router.add_get("/metrics", metrics)
     table = build_table(deps)
     sse.install(table, deps)
-    table.install(app, authenticator, limiter)
+    table.install(app, authenticator, limiter, ResponseCache(section.cache_ttl_s))
     add_docs_routes(app, table, title="LLM Auto Optimizer API", version=API_VERSION,
                     description=DESCRIPTION)
     return Server(app=app, deps=deps, limiter=limiter, jwt=verifier is not None)
