@@ -323,6 +323,9 @@ def test_engine_filters_deduplicates_and_sorts():
                                          "model_selection:svc:chat:model-a->model-b"]
     only = DecisionEngine(DecisionPolicy(strategies=["caching"]), PRICES)
     assert [p.strategy for p in only.propose(found, NOW)] == ["caching"]
+    # a strategy paused by its feature flag proposes nothing, the others go on
+    assert [p.strategy for p in engine.propose(found, NOW, skip=frozenset({"caching"}))] \
+        == ["model_selection"]
 
 
 # --- simulation: a cheaper model of near-equal quality -----------------------------------------

@@ -253,7 +253,7 @@ def test_export_import_and_resolve(daemon):
 
 ROLE_ORDER = ("viewer", "operator", "admin")
 FILL = {"service": "roles-svc", "version": "1", "id": "p.0123456789abcdef01234567",
-        "key_id": "aaaaaaaaaaaa"}
+        "key_id": "aaaaaaaaaaaa", "name": "strategy.caching", "job_id": "j.0123456789abcdef"}
 
 
 def test_every_route_allowed_and_denied_per_role(daemon):
@@ -542,6 +542,58 @@ def test_admin_stats_keys_and_audit(daemon):
     assert mine and mine[-1]["status"] == 201 and mine[-1]["role"] == "admin"
     assert all(r["method"] != "GET" for r in records)
     assert any(r["status"] == 403 and r["role"] == "viewer" for r in records)
+
+
+def test_feature_flags_switch_at_once_refuse_rollouts_and_persist(daemon):
+    api, admin = daemon.api, daemon.keys["admin"]
+    status, _, flags = api("GET", "/v1/admin/flags", key=admin)
+    assert status == 200 and {"proposals", "auto_deploy", "rollouts",
+                              "strategy.caching"} <= {f["name"] for f in flags}
+    assert all(f["enabled"] and f["description"] for f in flags)
+    assert put_config(daemon, "flag-svc")[0] == 201
+    status, _, flag = api("PUT", "/v1/admin/flags/rollouts", key=admin, body={"enabled": False})
+    assert status == 200 and flag["enabled"] is False and flag["updated_by"]
+    status, _, problem = api("POST", "/v1/optimizations", key=daemon.keys["operator"],
+                             body={"service": "flag-svc", "change": {"model": "gpt-4o-mini"}})
+    assert status == 409 and "feature flag 'rollouts' is off" in problem["detail"]
+    status, _, problem = api("PUT", "/v1/admin/flags/no.such", key=admin, body={"enabled": True})
+    assert status == 404 and "flags are:" in problem["detail"]
+    status, _, problem = api("PUT", "/v1/admin/flags/rollouts", key=admin,
+                             body={"enabled": "no"})
+    assert status == 422 and problem["path"] == "enabled"
+    assert daemon.ctl("restart", "processor").returncode == 0
+    wait_until(lambda: api("GET", "/v1/admin/flags", key=admin)[0] == 200, timeout=30,
+               message="the processor back after its restart")
+    flags = {f["name"]: f for f in api("GET", "/v1/admin/flags", key=admin)[2]}
+    assert flags["rollouts"]["enabled"] is False  # kept across the restart
+    status, _, flag = api("PUT", "/v1/admin/flags/rollouts", key=admin, body={"enabled": True})
+    assert status == 200 and flag["enabled"] is True
+    status, _, transition = api("POST", "/v1/optimizations", key=daemon.keys["operator"],
+                                body={"service": "flag-svc", "change": {"model": "gpt-4o-mini"}})
+    assert status == 202 and transition["kind"] == "started"
+    assert api("POST", "/v1/optimizations/validate", key=daemon.keys["operator"],
+               body={"service": "flag-svc", "change": {"model": "x"}})[2]["rollout_running"]
+
+
+def test_background_jobs_run_list_and_refuse(daemon):
+    api, admin = daemon.api, daemon.keys["admin"]
+    status, _, job = api("POST", "/v1/admin/jobs", key=admin, body={"kind": "compact"})
+    assert status == 202 and job["state"] in ("queued", "running") and job["by"]
+    done = wait_until(lambda: (lambda j: j if j["state"] not in ("queued", "running") else None)(
+        api("GET", f"/v1/admin/jobs/{job['id']}", key=admin)[2]), timeout=60,
+        message="the compact job to finish")
+    assert done["state"] == "succeeded" and done["finished_ms"] >= done["started_ms"] > 0
+    status, _, jobs = api("GET", "/v1/admin/jobs?limit=5", key=admin)
+    assert status == 200 and jobs[0]["id"] == job["id"]
+    status, _, problem = api("POST", f"/v1/admin/jobs/{job['id']}/cancel", key=admin)
+    assert status == 409 and "not queued or running" in problem["detail"]
+    assert api("GET", "/v1/admin/jobs/j.0000000000000000", key=admin)[0] == 404
+    status, _, problem = api("POST", "/v1/admin/jobs", key=admin,
+                             body={"kind": "backup", "args": {"path": "relative/dir"}})
+    assert status == 422 and problem["path"] == "args"
+    status, _, problem = api("POST", "/v1/admin/jobs", key=admin, body={"kind": "defrag"})
+    assert status == 422 and problem["path"] == "kind"
+    assert api("GET", "/v1/admin/jobs", key=daemon.keys["operator"])[0] == 403
 
 
 # --- a real proposal, deployed, promoted and rolled back (last: it moves event time on) ----------

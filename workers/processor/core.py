@@ -80,6 +80,9 @@ class ProcessorCore:
         self.next_analysis_ns: int | None = None
         self.last_analysis_ns: int | None = None
         self.counters = Counters()
+        # Set from the feature flags by the worker (not checkpointed: the flags are stored).
+        self.proposing = True
+        self.paused_strategies: frozenset[str] = frozenset()
 
     @property
     def watermark_ns(self) -> int:
@@ -152,11 +155,13 @@ class ProcessorCore:
         findings = self.findings.analyze(self.history.items(), boundary_ns,
                                          self.last_analysis_ns)
         new, refreshed = [], []
-        if boundary_ns // self.analysis_ns % self.section.decisions.every_intervals == 0:
+        if (self.proposing and boundary_ns // self.analysis_ns
+                % self.section.decisions.every_intervals == 0):
             # Canary traffic is the rollout's to judge, not a base for new proposals.
             settled = {key: rows for key, rows in self.history.items()
                        if key[2] != CANARY_VARIANT}
-            proposals = self.engine.propose(self.engine.views(settled), boundary_ns)
+            proposals = self.engine.propose(self.engine.views(settled), boundary_ns,
+                                            skip=self.paused_strategies)
             new, refreshed = self.proposals.update(proposals, boundary_ns)
         self.last_analysis_ns = boundary_ns
         self.next_analysis_ns = boundary_ns + self.analysis_ns

@@ -34,6 +34,7 @@ from workers.processor.configs import (
     StorageDocStore,
 )
 from workers.processor.core import Analysis, ProcessorCore
+from workers.processor.flags import FeatureFlags, Flag
 from workers.processor.judge import JudgeConfig
 from workers.processor.outputs import Outputs, doc_id
 from workers.processor.proposals import Entry, UnknownProposal
@@ -84,6 +85,9 @@ class ProcessorWorker(Worker):
             self.consumer.resume_from(self.positions)
             log.info("resumed from checkpoint: positions %s, watermark %d", self.positions,
                      self.core.watermark_ns)
+        self.flags = FeatureFlags(self.storage)
+        await self.flags.load()
+        self.apply_flags()
         self.uncommitted: dict[int, ConsumedRecord] = {}
         self.last_checkpoint = time.monotonic()
         self.checkpoints_saved = 0
@@ -110,7 +114,8 @@ class ProcessorWorker(Worker):
                 "feedback_position": self.feedback_position, "undecodable": self.undecodable,
                 "checkpoints": self.checkpoints_saved,
                 "checkpoint_bytes": self.checkpoints.saved_bytes,
-                "rollouts": sorted(self.deployer.active)}
+                "rollouts": sorted(self.deployer.active),
+                "flags_off": sorted(f.name for f in self.flags.all() if not f.enabled)}
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -185,7 +190,8 @@ class ProcessorWorker(Worker):
         await self.publish(analysis)
         await self.deployer.advance(boundary)
         await self.settle_transitions(boundary)
-        if self.section.decisions.auto_deploy:
+        if (self.section.decisions.auto_deploy and self.flags.enabled("auto_deploy")
+                and self.flags.enabled("rollouts")):
             for entry in self.core.proposals.next_to_deploy(set(self.deployer.active)):
                 await self.auto_deploy(entry, boundary)
 
@@ -209,6 +215,7 @@ class ProcessorWorker(Worker):
     async def deploy(self, entry: Entry, now_ns: int) -> dict[str, Any]:
         """Start the canary rollout of a proposal."""
         proposal = entry.proposal
+        self.flags.require("rollouts", f"deploy of {proposal.id}")
         try:
             baseline = await self.configs.get(proposal.service)
         except ConfigNotFound:
@@ -257,6 +264,7 @@ class ProcessorWorker(Worker):
         if not service or not isinstance(change, dict) or not change:
             raise ValueError('experiment needs {"service": NAME, "change": {...}}, e.g. '
                              '{"service": "writer", "change": {"model": "claude-haiku-4-5"}}')
+        self.flags.require("rollouts", f"experiment on {service!r}")
         try:
             baseline = await self.configs.get(service)
         except ConfigNotFound:
@@ -345,7 +353,27 @@ class ProcessorWorker(Worker):
                 return msgspec.to_builtins(await self.configs.get(str(args.get("service", ""))))
             except ConfigNotFound as exc:
                 raise ValueError(str(exc)) from None
+        if command == "flags":
+            return msgspec.to_builtins(self.flags.all())
+        if command == "set-flag":
+            return msgspec.to_builtins(await self.set_flag(args))
         return await super().admin(command, args)
+
+    async def set_flag(self, args: dict[str, Any]) -> Flag:
+        name, enabled = str(args.get("name", "")), args.get("enabled")
+        if not isinstance(enabled, bool):
+            raise ValueError('set-flag needs {"name": FLAG, "enabled": true|false}')
+        by = str(args.get("by") or "an operator")
+        flag = await self.flags.set(name, enabled, by)
+        self.apply_flags()
+        log.warning("feature flag %s switched %s by %s", name, "on" if enabled else "off", by)
+        return flag
+
+    def apply_flags(self) -> None:
+        """Hand the flags that steer the pure core to it."""
+        assert self.core is not None
+        self.core.proposing = self.flags.enabled("proposals")
+        self.core.paused_strategies = self.flags.disabled_strategies()
 
 
 def rollout_id(proposal_id: str) -> str:

@@ -4,7 +4,9 @@ Other workers reach it through ``workers.storage_client`` over its own socket, `
 in the runtime directory. A backend that cannot be reached at start (PostgreSQL down) leaves the
 worker READY but degraded, with the reason, while it retries with backoff; requests meanwhile
 get UNAVAILABLE. Admin commands (``optimizerctl call storage ...``): ``stats``, ``backup``
-(a consistent copy while running) and ``restore``.
+(a consistent copy while running) and ``restore``; and background jobs (``workers.storage.jobs``,
+run one at a time, their records kept in the store): ``job-start`` {kind: backup | compact |
+retention, args, by}, ``jobs`` {limit}, ``job`` {id} and ``job-cancel`` {id}.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ipc import storage as s
 from ipc.config import StorageSection
 from workers.runtime import Worker
 from workers.storage.backend import Backend, StorageFailure, Unavailable
+from workers.storage.jobs import JobRunner
 from workers.storage.redis_companion import RedisCompanion
 from workers.storage.server import StorageServer
 
@@ -55,11 +58,14 @@ class StorageWorker(Worker):
         self.server = StorageServer(self.backend, self.ctx, self.context.runtime_dir,
                                     on_document=self.redis.document_changed if self.redis
                                     else None)
+        self.jobs = JobRunner(self.backend, os.path.join(self.context.data_dir, "backups"),
+                              self.apply_retention, lambda: self.server.available)
         self.tasks: list[asyncio.Task] = []
         if self.redis:
             await self.redis.check()
         try:
             await self.backend.open()
+            await self.jobs.open()
         except Unavailable as exc:
             self.unavailable(str(exc))
             self.tasks.append(asyncio.create_task(self.reconnect()))
@@ -87,6 +93,7 @@ class StorageWorker(Worker):
                 with attempt:
                     try:
                         await self.backend.open()
+                        await self.jobs.open()
                     except Unavailable as exc:
                         self.problem = str(exc)
                         raise
@@ -118,16 +125,19 @@ class StorageWorker(Worker):
                     self.log.info("backend available again")
                 self.problem = ""
 
-    async def keep_retention(self) -> None:
+    async def apply_retention(self) -> int:
+        """The event-log retention of [storage]; returns how many records it dropped."""
         section = self.section
-        max_age_ms = int(section.log_retention_hours * 3600 * 1000)
+        return await self.backend.apply_retention(int(section.log_retention_hours * 3600_000),
+                                                  section.log_retention_records)
+
+    async def keep_retention(self) -> None:
         while True:
             await asyncio.sleep(RETENTION_INTERVAL)
             if not self.server.available:
                 continue
             try:
-                dropped = await self.backend.apply_retention(max_age_ms,
-                                                             section.log_retention_records)
+                dropped = await self.apply_retention()
             except StorageFailure as exc:
                 self.log.warning("retention failed: %s", exc)
                 continue
@@ -135,6 +145,7 @@ class StorageWorker(Worker):
                 self.log.info("retention dropped %d event-log records", dropped)
 
     async def stop(self) -> None:
+        await self.jobs.stop()  # first: a running job still needs the store
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -151,7 +162,8 @@ class StorageWorker(Worker):
         return ("degraded", problem) if problem else ("ok", "")
 
     def status(self) -> dict[str, Any]:
-        return {"backend": self.backend.name, **self.server.status()}
+        return {"backend": self.backend.name, **self.server.status(),
+                "jobs": self.jobs.status()}
 
     async def admin(self, command: str, args: dict[str, Any]) -> Any:
         if command == "stats":
@@ -160,6 +172,14 @@ class StorageWorker(Worker):
             return await self.backup(str(args.get("path", "")))
         if command == "restore":
             return await self.restore(str(args.get("path", "")))
+        if command == "job-start":
+            return await self.jobs.start_job(args)
+        if command == "jobs":
+            return self.jobs.list_jobs(args)
+        if command == "job":
+            return self.jobs.job(args)
+        if command == "job-cancel":
+            return await self.jobs.cancel_job(args)
         return await super().admin(command, args)
 
     async def backup(self, path: str) -> dict[str, Any]:
@@ -180,6 +200,10 @@ class StorageWorker(Worker):
             raise ValueError(f"{backend.name}: restore with the database's own tools")
         if not path or not os.path.isdir(path):
             raise ValueError(f"{path!r} is not a backup directory")
+        running = self.jobs.running
+        if running is not None:  # it reads or compacts the store that restore swaps out
+            raise ValueError(f"job {running.id} ({running.kind}) is running; wait for it or "
+                             "cancel it (job-cancel), then restore")
         self.server.available = False  # requests meanwhile get UNAVAILABLE, then retry
         await backend.close()
         try:
@@ -191,5 +215,6 @@ class StorageWorker(Worker):
             self.server.committed.clear()
             await backend.open()
             self.server.available = True
+        await self.jobs.restored()
         self.log.warning("store restored from %s (%d keys)", path, keys)
         return {"restored_from": path, "keys": keys}

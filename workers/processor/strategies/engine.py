@@ -40,9 +40,13 @@ class DecisionEngine:
         return (impact.savings_usd_per_day >= self.policy.min_savings_usd_per_day
                 and -impact.cost_pct >= self.policy.min_cost_pct)
 
-    def propose(self, views: Sequence[ServiceView], now_ns: int) -> list[Proposal]:
+    def propose(self, views: Sequence[ServiceView], now_ns: int,
+                skip: frozenset[str] = frozenset()) -> list[Proposal]:
+        """What the enabled strategies, but those in ``skip``, find worth doing."""
         found: dict[str, Proposal] = {}
         for name in self.policy.strategies:
+            if name in skip:
+                continue
             strategy = STRATEGY_FUNCTIONS[name]
             for view in views:
                 for proposal in strategy(view, self.policy, self.prices, now_ns):

@@ -1,16 +1,22 @@
-"""Administration: the daemon's status, API keys and the audit trail (admin role)."""
+"""Administration (admin role): the daemon's status, feature flags (the processor's), background
+jobs (the storage worker's maintenance: backup, compact, retention), API keys and the audit
+trail."""
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 from msgspec import Meta, Struct
 
 from ipc import storage as s
 from workers.rest_api import audit
 from workers.rest_api.api_keys import ApiKey
 from workers.rest_api.auth import Role
-from workers.rest_api.endpoints.common import (MAX_PAGE, Deps, decode_cursor, encode_cursor,
-                                               not_found)
+from workers.processor.flags import Flag
+from workers.rest_api.endpoints.common import (MAX_PAGE, Deps, command_problem, decode_cursor,
+                                               encode_cursor, not_found)
+from workers.rest_api.problems import Problem
+from workers.rest_api.processor_link import CommandFailed
 from workers.rest_api.routes import Call, Reply, RouteTable
 
 TAGS = ("admin",)
@@ -31,6 +37,36 @@ class CreatedKey(Struct, kw_only=True):
     key: str
 
 
+class FlagSwitch(Struct, kw_only=True, forbid_unknown_fields=True):
+    enabled: bool
+
+
+JobKind = Literal["backup", "compact", "retention"]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled", "interrupted"]
+
+
+class NewJob(Struct, kw_only=True, forbid_unknown_fields=True):
+    kind: JobKind
+    args: dict[str, Any] = {}  # backup: {"path": absolute path that does not exist}
+
+
+class Job(Struct, kw_only=True):
+    id: str
+    kind: JobKind
+    args: dict[str, Any]
+    by: str
+    state: JobState
+    message: str  # what it is doing, or why it failed
+    result: dict[str, Any] | None = None
+    created_ms: int
+    started_ms: int = 0  # 0: not yet
+    finished_ms: int = 0
+
+
+class JobQuery(Struct, kw_only=True, forbid_unknown_fields=True):
+    limit: Annotated[int, Meta(ge=1, le=MAX_PAGE)] = 50
+
+
 class AuditQuery(Struct, kw_only=True, forbid_unknown_fields=True):
     limit: Annotated[int, Meta(ge=1, le=MAX_PAGE)] = 100
     cursor: str | None = None
@@ -41,8 +77,71 @@ class AuditPage(Struct, kw_only=True):
     next_cursor: str  # read on from here, also later for new records
 
 
+async def _command(deps: Deps, service: str, command: str, args: dict[str, Any]) -> Any:
+    try:
+        return await deps.link.call(service, command, args)
+    except CommandFailed as exc:
+        raise command_problem(exc) from None
+
+
+def _who(call: Call) -> str:
+    return call.principal.subject if call.principal else "an operator"
+
+
 def install(table: RouteTable, deps: Deps) -> None:
     admin = Role.ADMIN
+    flag_name = "{name:[a-z_.]{1,64}}"
+    job_id = "{job_id:j\\.[0-9a-f]{1,32}}"
+
+    @table.route("GET", "/v1/admin/flags", role=admin, responses={200: list[Flag]},
+                 tags=TAGS)
+    async def list_flags(_call: Call) -> list[Flag]:
+        """Every feature flag with what it stops, whether it is on, and who last switched it."""
+        return msgspec.convert(await _command(deps, "processor", "flags", {}), list[Flag])
+
+    @table.route("PUT", f"/v1/admin/flags/{flag_name}", role=admin, body=FlagSwitch,
+                 responses={200: Flag}, problems=(404,), tags=TAGS)
+    async def set_flag(call: Call) -> Flag:
+        """Switch a flag on or off; it takes effect at once and is kept across restarts."""
+        result = await _command(deps, "processor", "set-flag", {
+            "name": call.params["name"], "enabled": call.body.enabled, "by": _who(call)})
+        return msgspec.convert(result, Flag)
+
+    @table.route("GET", "/v1/admin/jobs", role=admin, query=JobQuery,
+                 responses={200: list[Job]}, tags=TAGS)
+    async def list_jobs(call: Call) -> list[Job]:
+        """Background jobs, newest first, with their state and progress line."""
+        result = await _command(deps, "storage", "jobs", {"limit": call.query.limit})
+        return msgspec.convert(result, list[Job])
+
+    @table.route("POST", "/v1/admin/jobs", role=admin, body=NewJob,
+                 responses={202: Job}, problems=(409, 422), tags=TAGS)
+    async def start_job(call: Call) -> Reply:
+        """Queue a maintenance job (jobs run one at a time); follow it with GET
+        /v1/admin/jobs/{job_id}."""
+        try:
+            result = await deps.link.call("storage", "job-start", {
+                "kind": call.body.kind, "args": call.body.args, "by": _who(call)})
+        except CommandFailed as exc:
+            if exc.message.startswith("args"):  # the storage worker names the field
+                raise Problem(422, "Unprocessable Content", exc.message, path="args",
+                              type_suffix="invalid-input") from None
+            raise command_problem(exc) from None
+        return Reply(202, msgspec.convert(result, Job))
+
+    @table.route("GET", f"/v1/admin/jobs/{job_id}", role=admin, responses={200: Job},
+                 problems=(404,), tags=TAGS)
+    async def get_job(call: Call) -> Job:
+        """One job."""
+        result = await _command(deps, "storage", "job", {"id": call.params["job_id"]})
+        return msgspec.convert(result, Job)
+
+    @table.route("POST", f"/v1/admin/jobs/{job_id}/cancel", role=admin,
+                 responses={200: Job}, problems=(404, 409), tags=TAGS)
+    async def cancel_job(call: Call) -> Job:
+        """Cancel a queued or running job (409 once it has finished)."""
+        result = await _command(deps, "storage", "job-cancel", {"id": call.params["job_id"]})
+        return msgspec.convert(result, Job)
 
     @table.route("GET", "/v1/admin/stats", role=admin, responses={200: dict[str, Any]},
                  tags=TAGS)

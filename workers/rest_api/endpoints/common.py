@@ -65,7 +65,7 @@ def conflict(detail: str) -> Problem:
 
 def command_problem(exc: CommandFailed) -> Problem:
     """A refused processor command: unknown things are 404, the rest conflicts with state."""
-    if exc.message.startswith(("no proposal", "no config")):
+    if exc.message.startswith(("no proposal", "no config", "no flag", "no job")):
         return not_found(exc.message)
     return conflict(exc.message)
 
