@@ -12,6 +12,7 @@ from typing import Any
 
 import jwt
 import pytest
+from multidict import CIMultiDict
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from cryptography.hazmat.primitives import serialization
@@ -204,8 +205,13 @@ def test_roles_from_claims(section: Any) -> None:
 # --- requests ----------------------------------------------------------------------------------
 
 def authenticate(authenticator: Authenticator, headers: dict[str, str]) -> Principal:
-    return asyncio.run(authenticator.authenticate(make_mocked_request("GET", "/",
-                                                                      headers=headers)))
+    """As HTTP headers, then as gRPC metadata (lower-case names): the same principal."""
+    over_http = asyncio.run(authenticator.authenticate(
+        make_mocked_request("GET", "/", headers=headers).headers))
+    over_grpc = asyncio.run(authenticator.authenticate(
+        CIMultiDict((name.lower(), value) for name, value in headers.items())))
+    assert over_http == over_grpc
+    return over_http
 
 
 def test_authenticator_tells_api_keys_from_jwts(section: Any) -> None:

@@ -101,7 +101,7 @@ class AuthError(Problem):
 class Principal:
     subject: str
     role: Role
-    via: Literal["api_key", "jwt"]
+    via: Literal["api_key", "jwt", "mtls"]  # mtls: a gRPC client certificate
     key_id: str | None = None
 
     @property
@@ -258,17 +258,19 @@ class JwtIssuer:
 
 # --- requests ----------------------------------------------------------------------------------
 
-def credential_of(request: web.Request) -> str:
-    """The one credential a request carries; two different ones are refused."""
+def credential_of(headers: Mapping[str, str]) -> str:
+    """The one credential a request's headers (or gRPC metadata) carry; two different ones are
+    refused. ``headers`` must look names up case-insensitively, as aiohttp's and
+    ``multidict.CIMultiDict`` do."""
     found = []
-    authorization = request.headers.get("Authorization")
+    authorization = headers.get("Authorization")
     if authorization is not None:
         scheme, _, value = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise AuthError(401, AuthFailure.MALFORMED,
                             "the Authorization header must be 'Bearer <API key or token>'")
         found.append(value.strip())
-    api_key = request.headers.get("X-API-Key")
+    api_key = headers.get("X-API-Key")
     if api_key is not None:
         if not api_key.startswith(API_KEY_PREFIX):
             raise AuthError(401, AuthFailure.MALFORMED, "X-API-Key carries API keys only")
@@ -288,8 +290,8 @@ class Authenticator:
         self.api_keys = api_keys
         self.jwt = jwt_verifier
 
-    async def authenticate(self, request: web.Request) -> Principal:
-        credential = credential_of(request)
+    async def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        credential = credential_of(headers)
         if credential.startswith(API_KEY_PREFIX):
             record = await self.api_keys.verify(credential)
             if record is None:
@@ -315,7 +317,7 @@ def requires(role: Role) -> Callable[[PlainHandler], PlainHandler]:
     def decorate(handler: PlainHandler) -> PlainHandler:
         @functools.wraps(handler)
         async def guarded(request: web.Request) -> web.StreamResponse:
-            principal = await request.app[AUTHENTICATOR].authenticate(request)
+            principal = await request.app[AUTHENTICATOR].authenticate(request.headers)
             authorize(principal, role)
             request[PRINCIPAL_KEY] = principal
             return await handler(request)

@@ -39,7 +39,7 @@ _SEQUENCE_TYPES = (msgspec.inspect.ListType, msgspec.inspect.SetType,
 class Call:
     """What a handler gets: the decoded input and who is asking."""
 
-    request: web.Request
+    request: web.Request | None  # None when called without HTTP (workers.rest_api.operations)
     principal: Principal | None
     params: Mapping[str, str]  # path parameters
     body: Any = None
@@ -155,11 +155,11 @@ def _serve(route: Route, authenticator: Authenticator, limiter: Limiter | None,
     async def serve(request: web.Request) -> web.StreamResponse:
         principal = None
         if route.role is not None:
-            principal = await authenticator.authenticate(request)
+            principal = await authenticator.authenticate(request.headers)
             authorize(principal, route.role)
             request[PRINCIPAL_KEY] = principal
             if limiter is not None:
-                await _spend(limiter, principal)
+                await spend(limiter, principal)
         if reuse is not None and (hit := reuse.get(request.path_qs)) is not None:
             return web.Response(status=hit.status, body=hit.body,
                                 content_type="application/json")
@@ -189,7 +189,8 @@ def _serve(route: Route, authenticator: Authenticator, limiter: Limiter | None,
     return serve
 
 
-async def _spend(limiter: Limiter, principal: Principal) -> None:
+async def spend(limiter: Limiter, principal: Principal) -> None:
+    """One request off the principal's budget; 429 ``Problem`` when it is spent."""
     try:
         if isinstance(limiter, TokenBucket):
             limiter.acquire(principal.rate_key)

@@ -71,6 +71,7 @@ async def _read(deps: Deps, offset: int, queue: asyncio.Queue[s.LogRecord]) -> N
 
 async def stream_events(call: Call, deps: Deps) -> web.StreamResponse:
     request, query = call.request, call.query
+    assert request is not None, "the event stream is served over HTTP only"
     offset = _start_offset(request, query)
     if offset is None:
         offset = (await deps.storage.call(s.LogInfo(log=EVENTS_LOG))).next_offset

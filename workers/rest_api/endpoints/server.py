@@ -77,14 +77,26 @@ async def metrics(_request: web.Request) -> web.Response:
                         headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build(config: Config, section: RestApiSection, runtime_dir: str) -> Server:
+def make_deps(config: Config, section: RestApiSection, runtime_dir: str) -> Deps:
+    """The connections the operations use (one set per process, REST or gRPC)."""
     storage = StorageClient(runtime_dir)
-    deps = Deps(config=config, section=section, storage=storage, link=ControlLink(runtime_dir),
+    return Deps(config=config, section=section, storage=storage,
+                link=ControlLink(runtime_dir),
                 configs=ConfigManager(StorageDocStore(storage, "configs")),
                 api_keys=ApiKeyStore(storage))
-    verifier = JwtVerifier(section.jwt) if section.jwt.issuer else None
+
+
+def make_authenticator(deps: Deps) -> Authenticator:
+    """API keys, and JWTs when ``[rest_api.jwt] issuer`` is set."""
+    jwt = deps.section.jwt
+    return Authenticator(deps.api_keys, JwtVerifier(jwt) if jwt.issuer else None)
+
+
+def build(config: Config, section: RestApiSection, runtime_dir: str) -> Server:
+    deps = make_deps(config, section, runtime_dir)
+    storage = deps.storage
     limiter = make_limiter(section)
-    authenticator = Authenticator(deps.api_keys, verifier)
+    authenticator = make_authenticator(deps)
     app = web.Application(client_max_size=section.max_body_kb * 1024, middlewares=[
         request_id_middleware, make_cors(section.cors_origins), compression,
         make_limits(section.max_in_flight, section.request_timeout_s),
@@ -107,4 +119,4 @@ def build(config: Config, section: RestApiSection, runtime_dir: str) -> Server:
     table.install(app, authenticator, limiter, ResponseCache(section.cache_ttl_s))
     add_docs_routes(app, table, title="LLM Auto Optimizer API", version=API_VERSION,
                     description=DESCRIPTION)
-    return Server(app=app, deps=deps, limiter=limiter, jwt=verifier is not None)
+    return Server(app=app, deps=deps, limiter=limiter, jwt=authenticator.jwt is not None)
