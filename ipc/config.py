@@ -314,14 +314,136 @@ class RestApiSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
     jwt: Annotated[JwtSection, doc("Bearer tokens (JWT).")] = field(default_factory=JwtSection)
 
 
+class GrpcTlsSection(Struct, kw_only=True, forbid_unknown_fields=True):
+    cert_file: Annotated[str, doc(
+        "Server certificate chain (PEM). With key_file: TLS; empty: plaintext.")] = ""
+    key_file: Annotated[str, doc("Server private key (PEM).")] = ""
+    client_ca_file: Annotated[str, doc(
+        "CA bundle (PEM) that client certificates must chain to; set: mutual TLS, every "
+        "client shows a certificate.")] = ""
+    client_roles: Annotated[dict[str, Literal["viewer", "operator", "admin"]], doc(
+        "Role of a client certificate by its subject's common name, for calls without a "
+        "bearer credential; unlisted names are viewers.")] = field(default_factory=dict)
+
+
 class GrpcApiSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
     entrypoint: str = "workers.grpc_api:GrpcApiWorker"
     depends_on: list[str] = field(default_factory=lambda: ["processor", "storage"])
     listen: Annotated[str, doc("gRPC API.", pattern=LISTEN_PATTERN)] = "127.0.0.1:50051"
+    max_message_kb: Annotated[int, doc(
+        "Largest request or answer message, in KiB (RESOURCE_EXHAUSTED beyond).",
+        ge=1, le=65536)] = 4096
+    reflection: Annotated[Literal["auto", "on", "off"], doc(
+        "Server reflection: auto serves it when listen is a loopback address.")] = "auto"
+    tls: Annotated[GrpcTlsSection, doc(
+        "TLS; certificates are read again on reload.")] = field(default_factory=GrpcTlsSection)
+
+
+NOTIFICATION_KINDS = ("proposal_created", "canary_started", "promoted", "rolled_back",
+                      "anomaly_found", "service_failed")
+Severity = Literal["info", "warning", "critical"]
+
+
+class RoutingSection(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Which optimizer events a destination gets, and how often at most."""
+
+    enabled: Annotated[bool, doc("Deliver to this destination.")] = False
+    events: Annotated[list[Literal[NOTIFICATION_KINDS]], doc(  # type: ignore[valid-type]
+        "Event kinds sent here: proposal_created, canary_started, promoted, rolled_back, "
+        "anomaly_found, service_failed.")] = field(
+        default_factory=lambda: ["rolled_back", "anomaly_found", "service_failed"])
+    min_severity: Annotated[Severity, doc(
+        "Events below this severity are not sent here.")] = "info"
+    rate_limit_per_min: Annotated[float, doc(
+        "Messages a minute at most; beyond, they wait in the outbox. 0: no limit.",
+        ge=0)] = 30.0
+    templates: Annotated[dict[Literal[NOTIFICATION_KINDS], str], doc(  # type: ignore[valid-type]
+        "Message text per event kind, with $placeholders (see docs/integrations.md).")] = \
+        field(default_factory=dict)
+
+
+class SlackSection(RoutingSection, kw_only=True, forbid_unknown_fields=True):
+    webhook_url: Annotated[str, doc(
+        "Incoming-webhook URL (a secret): LLM_OPTIMIZER__INTEGRATIONS__SLACK__WEBHOOK_URL, or "
+        "webhook_url_file.")] = ""
+    webhook_url_file: Annotated[str, doc("File holding the webhook URL.")] = ""
+
+
+class JiraSection(RoutingSection, kw_only=True, forbid_unknown_fields=True):
+    base_url: Annotated[str, doc("Jira Cloud or Server, e.g. https://acme.atlassian.net.")] = ""
+    project: Annotated[str, doc("Project key of the issues created, e.g. OPS.")] = ""
+    issue_type: Annotated[str, doc("Type of the issues created.")] = "Task"
+    labels: Annotated[list[str], doc("Labels of the issues created.")] = field(
+        default_factory=lambda: ["llm-optimizer"])
+    email: Annotated[str, doc(
+        "Account e-mail for basic auth (with api_token); empty: bearer token.")] = ""
+    api_token: Annotated[str, doc(
+        "API token (Cloud) or personal access token (Server), a secret: "
+        "LLM_OPTIMIZER__INTEGRATIONS__JIRA__API_TOKEN, or api_token_file.")] = ""
+    api_token_file: Annotated[str, doc("File holding the API token.")] = ""
+    transition_on_promoted: Annotated[str, doc(
+        "Transition applied to an optimization's issue once it is promoted (e.g. Done); "
+        "empty: none.")] = ""
+
+
+class GithubSection(RoutingSection, kw_only=True, forbid_unknown_fields=True):
+    base_url: Annotated[str, doc("GitHub REST API (Enterprise: https://HOST/api/v3).")] = \
+        "https://api.github.com"
+    repository: Annotated[str, doc("owner/name where issues are opened.",
+                                   pattern=r"^$|^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")] = ""
+    labels: Annotated[list[str], doc("Labels of the issues opened.")] = field(
+        default_factory=lambda: ["llm-optimizer"])
+    token: Annotated[str, doc(
+        "A token with issues:write, a secret: LLM_OPTIMIZER__INTEGRATIONS__GITHUB__TOKEN, or "
+        "token_file.")] = ""
+    token_file: Annotated[str, doc("File holding the token.")] = ""
+
+
+class AnthropicSection(Struct, kw_only=True, forbid_unknown_fields=True):
+    """The Anthropic Messages API, asked for prompt-optimization suggestions."""
+
+    enabled: Annotated[bool, doc("Ask Claude for suggestions.")] = False
+    base_url: Annotated[str, doc("Messages API base URL.")] = "https://api.anthropic.com"
+    api_key: Annotated[str, doc(
+        "A secret: LLM_OPTIMIZER__INTEGRATIONS__ANTHROPIC__API_KEY, or api_key_file.")] = ""
+    api_key_file: Annotated[str, doc("File holding the API key.")] = ""
+    model: Annotated[str, doc("Model asked.")] = "claude-sonnet-4-5"
+    max_tokens: Annotated[int, doc("Longest answer, in tokens.", ge=1, le=64000)] = 1024
+    input_usd_per_mtok: Annotated[float, doc(
+        "Price of input tokens, for the cost accounting of its own calls.", ge=0)] = 3.0
+    output_usd_per_mtok: Annotated[float, doc("Price of output tokens.", ge=0)] = 15.0
+
+
+class WebhookSection(RoutingSection, kw_only=True, forbid_unknown_fields=True):
+    url: Annotated[str, doc("Where events are POSTed as signed JSON.")] = ""
+    secret: Annotated[str, doc(
+        "HMAC-SHA256 key of the signature, a secret: "
+        "LLM_OPTIMIZER__INTEGRATIONS__WEBHOOKS__NAME__SECRET, or secret_file.")] = ""
+    secret_file: Annotated[str, doc("File holding the key.")] = ""
 
 
 class IntegrationsSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):
     entrypoint: str = "workers.integrations:IntegrationsWorker"
+    depends_on: list[str] = field(default_factory=lambda: ["storage"])
+    timeout_s: Annotated[float, doc("Each outbound HTTP call's time limit.", gt=0)] = 10.0
+    max_attempts: Annotated[int, doc(
+        "Deliveries tried per message before it is dead-lettered.", ge=1)] = 8
+    retry_base_s: Annotated[float, doc(
+        "First wait after a failed delivery; it doubles per attempt (full jitter, at most 300 "
+        "s), unless the destination's Retry-After says otherwise.", gt=0)] = 1.0
+    breaker_failures: Annotated[int, doc(
+        "Consecutive failures that open a destination's circuit breaker.", ge=1)] = 5
+    breaker_recovery_s: Annotated[float, doc(
+        "How long an open breaker refuses before a trial delivery.", gt=0)] = 30.0
+    slack: Annotated[SlackSection, doc("Slack incoming webhook (Block Kit).")] = field(
+        default_factory=SlackSection)
+    jira: Annotated[JiraSection, doc("Jira issues.")] = field(default_factory=JiraSection)
+    github: Annotated[GithubSection, doc("GitHub issues.")] = field(
+        default_factory=GithubSection)
+    anthropic: Annotated[AnthropicSection, doc("Claude suggestions.")] = field(
+        default_factory=AnthropicSection)
+    webhooks: Annotated[dict[str, WebhookSection], doc(
+        "Generic signed webhooks by name.")] = field(default_factory=dict)
 
 
 class ExtraServiceSection(ServiceSection, kw_only=True, forbid_unknown_fields=True):

@@ -61,7 +61,7 @@ class Api:
 
 @pytest.fixture(scope="module")
 def daemon():
-    d = Daemon(builtins=["storage", "collector", "processor", "rest_api"],
+    d = Daemon(builtins=["storage", "collector", "processor", "rest_api", "integrations"],
                extra={"processor": dict(PROCESSOR)})
     secret = Path(d.dir) / "jwt.secret"
     secret.write_text(SECRET)
@@ -253,7 +253,8 @@ def test_export_import_and_resolve(daemon):
 
 ROLE_ORDER = ("viewer", "operator", "admin")
 FILL = {"service": "roles-svc", "version": "1", "id": "p.0123456789abcdef01234567",
-        "key_id": "aaaaaaaaaaaa", "name": "strategy.caching", "job_id": "j.0123456789abcdef"}
+        "key_id": "aaaaaaaaaaaa", "name": "strategy.caching", "job_id": "j.0123456789abcdef",
+        "integration": "slack"}
 
 
 def test_every_route_allowed_and_denied_per_role(daemon):

@@ -41,7 +41,7 @@ PROCESSOR = {"tumbling_window_s": 60, "sliding_window_s": 120, "sliding_step_s":
 
 @pytest.fixture(scope="module")
 def daemon():
-    d = Daemon(builtins=["storage", "collector", "processor", "rest_api"],
+    d = Daemon(builtins=["storage", "collector", "processor", "rest_api", "integrations"],
                extra={"processor": dict(PROCESSOR)})
     # generated requests come fast: the rate limit (429, documented) must not hide the rest
     d.doc["rest_api"].update({"rate_limit_per_s": 100_000.0, "rate_limit_burst": 100_000})

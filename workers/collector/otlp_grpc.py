@@ -39,7 +39,7 @@ def _retry_trailer(code: int, message: str, retry_after: float) -> tuple[tuple[s
     return (("grpc-status-details-bin", status.SerializeToString()),)
 
 
-def _peer_address(peer: str) -> str:
+def peer_address(peer: str) -> str:
     """``ipv4:127.0.0.1:5000`` or ``ipv6:[::1]:5000`` -> the address without the port."""
     address = peer.split(":", 1)[-1]
     return address.rsplit(":", 1)[0].strip("[]") if address.count(":") else address
@@ -58,7 +58,7 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
             if self.limits is not None:
                 metadata = {k: v for k, v in context.invocation_metadata() or ()
                             if isinstance(v, str)}
-                client = self.limits.client_of(metadata, _peer_address(context.peer() or ""))
+                client = self.limits.client_of(metadata, peer_address(context.peer() or ""))
                 self.limits.admit(SOURCE, client, mapped.llm_spans)
             if mapped.ignored:
                 IGNORED_SPANS.labels(SOURCE).inc(mapped.ignored)

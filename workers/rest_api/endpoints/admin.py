@@ -123,6 +123,9 @@ def install(table: RouteTable, deps: Deps) -> None:
             result = await deps.link.call("storage", "job-start", {
                 "kind": call.body.kind, "args": call.body.args, "by": _who(call)})
         except CommandFailed as exc:
+            if exc.message.startswith("job queue is full"):
+                raise Problem(429, "Too Many Requests", exc.message, retry_after=5,
+                              type_suffix="queue-full") from None
             if exc.message.startswith("args"):  # the storage worker names the field
                 raise Problem(422, "Unprocessable Content", exc.message, path="args",
                               type_suffix="invalid-input") from None

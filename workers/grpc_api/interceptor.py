@@ -1,0 +1,186 @@
+"""What every RPC goes through before and after its servicer, in one ``grpc.aio`` interceptor:
+a request id, authentication, the rate limit, logging, metrics and error mapping.
+
+* **Request id**: the client's ``x-request-id`` if it is a plain short id, else a new one; sent
+  back in the initial metadata and in every log line about the call.
+* **Authentication**: the REST API's credentials and rules (``authorization: Bearer <API key or
+  JWT>`` or ``x-api-key``), or, on a mutual-TLS port without such metadata, the verified client
+  certificate's common name with the role ``[grpc_api.tls] client_roles`` gives it. The
+  standard health service, reflection and ``HealthService`` need no credential. The caller is
+  left in ``PRINCIPAL`` for the servicers; roles are checked per operation by the service layer.
+* **Rate limit**: the REST API's budget per API key or token subject (429 there,
+  RESOURCE_EXHAUSTED with ``RetryInfo`` here).
+* **Errors**: ``Problem`` becomes its status (``errors.problem_status``); anything unexpected is
+  logged with its traceback and answered INTERNAL with the request id only.
+* **Metrics**: RPCs by method and code, latency by method, active streams.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import grpc
+from multidict import CIMultiDict
+from prometheus_client import Counter, Gauge, Histogram
+
+from workers.grpc_api.errors import internal_status, problem_status, status_of
+from workers.rest_api.auth import AuthError, AuthFailure, Authenticator, Principal, Role
+from workers.rest_api.problems import Problem
+from workers.rest_api.routes import Limiter, spend
+
+log = logging.getLogger("workers.grpc_api")
+
+RPCS = Counter("grpc_api_rpcs", "gRPC calls answered, by method and status code.",
+               ["method", "code"])
+LATENCY = Histogram("grpc_api_rpc_seconds", "gRPC call duration (streams: their whole life), "
+                    "by method.", ["method"],
+                    buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+ACTIVE_STREAMS = Gauge("grpc_api_active_streams", "gRPC streams open now.",
+                       multiprocess_mode="livesum")
+
+PRINCIPAL: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "grpc_principal", default=None)
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("grpc_request_id",
+                                                                 default="")
+METHOD: contextvars.ContextVar[str] = contextvars.ContextVar("grpc_method", default="")
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.",
+                   "/llm_optimizer.v1.HealthService/")
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def current_principal() -> Principal | None:
+    return PRINCIPAL.get()
+
+
+def certificate_principal(context: grpc.aio.ServicerContext,
+                          roles: Mapping[str, Role]) -> Principal | None:
+    """The verified client certificate's common name, on a mutual-TLS port."""
+    auth = context.auth_context()
+    names = auth.get("x509_common_name") or []
+    if not names:
+        return None
+    subject = names[0].decode("utf-8", "replace")
+    return Principal(subject=subject, role=roles.get(subject, Role.VIEWER), via="mtls")
+
+
+class ApiInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator, limiter: Limiter | None,
+                 client_roles: Mapping[str, Role]) -> None:
+        self.authenticator = authenticator
+        self.limiter = limiter
+        self.client_roles = dict(client_roles)
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        metadata = CIMultiDict((k, v) for k, v in (details.invocation_metadata or ())
+                               if isinstance(v, str))
+        public = method.startswith(PUBLIC_PREFIXES)
+        if handler.unary_unary:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary, method,
+                                                            metadata, public))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=self._unary(handler.stream_unary, method,
+                                                             metadata, public))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=self._stream(handler.unary_stream, method,
+                                                              metadata, public))
+        return handler._replace(stream_stream=self._stream(handler.stream_stream, method,
+                                                           metadata, public))
+
+    async def _admit(self, context: grpc.aio.ServicerContext, method: str,
+                     metadata: CIMultiDict[str], public: bool) -> None:
+        """Request id, caller and budget, before the servicer runs."""
+        given = metadata.get("x-request-id", "")
+        rid = given if _SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        REQUEST_ID.set(rid)
+        METHOD.set(method)
+        PRINCIPAL.set(None)
+        await context.send_initial_metadata((("x-request-id", rid),))
+        if public:
+            return
+        if "authorization" in metadata or "x-api-key" in metadata:
+            principal = await self.authenticator.authenticate(metadata)
+        else:
+            principal = certificate_principal(context, self.client_roles)
+            if principal is None:
+                raise AuthError(401, AuthFailure.MISSING, "send metadata 'authorization: "
+                                "Bearer <API key or token>' or 'x-api-key'")
+        PRINCIPAL.set(principal)
+        if self.limiter is not None:
+            await spend(self.limiter, principal)
+
+    async def _fail(self, context: grpc.aio.ServicerContext, method: str,
+                    exc: BaseException) -> grpc.StatusCode:
+        """Answer ``exc`` as a status (this raises AbortError, which ends the call)."""
+        if isinstance(exc, Problem):
+            status = problem_status(exc)
+            log.info("%s %s: %s (request %s)", method, status.code.name, exc.detail,
+                     REQUEST_ID.get())
+        elif isinstance(exc, NotImplementedError):  # the generated base servicer's answer
+            status = status_of(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
+        else:
+            status = internal_status(REQUEST_ID.get())
+            log.error("%s failed (request %s)", method, REQUEST_ID.get(), exc_info=exc)
+        RPCS.labels(method, status.code.name).inc()
+        await context.abort_with_status(status)
+        return status.code  # not reached: abort raises
+
+    @contextlib.asynccontextmanager
+    async def _answering(self, context: grpc.aio.ServicerContext, method: str
+                         ) -> AsyncIterator[None]:
+        """Around one call: its duration and outcome counted, its errors answered."""
+        started = time.perf_counter()
+        try:
+            yield
+        except grpc.aio.AbortError:
+            RPCS.labels(method, _code(context)).inc()
+            raise
+        except asyncio.CancelledError:  # the deadline passed or the client went away
+            RPCS.labels(method, "CANCELLED").inc()
+            raise
+        except Exception as exc:  # noqa: BLE001 - each is answered as a status
+            await self._fail(context, method, exc)
+            raise  # not reached
+        else:
+            RPCS.labels(method, "OK").inc()
+        finally:
+            LATENCY.labels(method).observe(time.perf_counter() - started)
+
+    def _unary(self, behaviour: Callable[..., Awaitable[Any]], method: str,
+               metadata: CIMultiDict[str], public: bool) -> Callable[..., Awaitable[Any]]:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._answering(context, method):
+                await self._admit(context, method, metadata, public)
+                return await behaviour(request, context)
+
+        return unary
+
+    def _stream(self, behaviour: Callable[..., AsyncIterator[Any]], method: str,
+                metadata: CIMultiDict[str], public: bool) -> Callable[..., AsyncIterator[Any]]:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            ACTIVE_STREAMS.inc()
+            try:
+                async with self._answering(context, method):
+                    await self._admit(context, method, metadata, public)
+                    async for item in behaviour(request, context):
+                        yield item
+            finally:
+                ACTIVE_STREAMS.dec()
+
+        return stream
+
+
+def _code(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"

@@ -1,0 +1,60 @@
+"""What the gRPC servicers share: the service layer (the REST route table's operations, called by
+operation id with the caller the interceptor authenticated), the connections, and the audit
+trail of state-changing calls."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.grpc_api.interceptor import METHOD, REQUEST_ID, current_principal
+from workers.rest_api import audit
+from workers.rest_api.endpoints.common import Deps
+from workers.rest_api.operations import Operations
+from workers.rest_api.problems import Problem
+
+
+log = logging.getLogger("workers.grpc_api")
+
+
+@dataclass
+class ServiceLayer:
+    deps: Deps
+    operations: Operations
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
+        """Something a servicer opened (an event-log producer) to close when the API stops."""
+        self.closers.append(closer)
+
+    async def close(self) -> None:
+        for closer in self.closers:
+            try:
+                await closer()
+            except Exception:
+                log.exception("closing %r failed", closer)
+        await self.deps.link.close()
+        await self.deps.storage.close()
+
+    async def call(self, operation_id: str, *, params: Mapping[str, str] | None = None,
+                   query: Mapping[str, Any] | None = None, body: Any = None) -> Any:
+        """The operation's answer as the REST API would give it (its body), for the current
+        caller; state-changing ones are recorded in the audit trail as method ``GRPC`` with
+        the RPC's full name as path."""
+        route = self.operations.route(operation_id)
+        status = next(iter(route.responses))
+        try:
+            return await self.operations.call(operation_id, current_principal(),
+                                              params=params, query=query, body=body)
+        except Problem as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            if route.method in audit.WRITES:
+                await audit.record(self.deps.storage, method="GRPC", path=METHOD.get(),
+                                   status=status, request_id=REQUEST_ID.get(),
+                                   principal=current_principal())
