@@ -12,6 +12,7 @@ import urllib.request
 import msgspec
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ipc import storage as s
 from ipc import window_series as ws
@@ -134,6 +135,27 @@ def test_windows_from_posted_events_with_duplicates_and_feedback(daemon):
     assert not wrong, [(k, got[k], want[k]) for k in wrong[:1]]
     tumbling = [v for k, v in want.items() if k[0] == "tumbling"]
     assert sum(v["count"] for v in tumbling) <= 3_000
+
+    # The same figures as Prometheus series on the supervisor's aggregate /metrics.
+    def series() -> dict[tuple[str, tuple], float]:
+        with urllib.request.urlopen(daemon.admin_url("/metrics"), timeout=10) as answer:
+            text = answer.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name.startswith("processor_")}
+
+    def total(name: str) -> float:
+        return sum(v for (n, _), v in series().items() if n == name)
+
+    stored = [v for k, v in got.items() if k[0] == "tumbling"]
+    wait_until(lambda: total("processor_llm_calls_total") == sum(v["count"] for v in stored),
+               10, message=lambda: f"{total('processor_llm_calls_total')} calls in /metrics")
+    assert total("processor_llm_cost_usd_total") == pytest.approx(
+        sum(v["cost_usd"] for v in stored), rel=1e-9)
+    assert total("processor_llm_errors_total") == sum(v["errors"] for v in stored)
+    found = series()
+    assert found[("processor_events_total", (("outcome", "counted"),))] == 3_000
+    assert found[("processor_events_total", (("outcome", "duplicate"),))] == 200
 
     # Feedback for a recent event joins its still-open window's quality.
     last = events[-1]

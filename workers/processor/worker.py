@@ -35,6 +35,7 @@ from workers.processor.configs import (
 )
 from workers.processor.core import Analysis, ProcessorCore
 from workers.processor.flags import FeatureFlags, Flag
+from workers.processor.metrics import ProcessorMetrics
 from workers.processor.judge import JudgeConfig
 from workers.processor.outputs import Outputs, doc_id
 from workers.processor.proposals import Entry, UnknownProposal
@@ -85,6 +86,7 @@ class ProcessorWorker(Worker):
             self.consumer.resume_from(self.positions)
             log.info("resumed from checkpoint: positions %s, watermark %d", self.positions,
                      self.core.watermark_ns)
+        self.metrics = ProcessorMetrics(self.core.counters)
         self.flags = FeatureFlags(self.storage)
         await self.flags.load()
         self.apply_flags()
@@ -150,7 +152,9 @@ class ProcessorWorker(Worker):
         done = 0
         while True:
             done += self.core.ingest(events[done:], self.deployer.observe)
-            await self.outputs.windows(self.core.drain_windows())
+            closed = self.core.drain_windows()
+            self.metrics.windows(closed)
+            await self.outputs.windows(closed)
             boundary = self.core.due_analysis()
             if boundary is None:
                 break
@@ -158,6 +162,7 @@ class ProcessorWorker(Worker):
         for record in records:
             self.positions[record.partition] = record.offset + 1
             self.uncommitted[record.partition] = record
+        self.metrics.counters(self.core.counters, self.core.watermark_ns)
         await self.read_feedback()
         if self.uncommitted and (self.stopping.is_set() or time.monotonic()
                                  - self.last_checkpoint >= self.section.checkpoint_interval_s):
@@ -187,6 +192,7 @@ class ProcessorWorker(Worker):
     async def analyze(self, boundary: int) -> None:
         """One analysis interval: findings, proposals, canary judgements, auto-deploys."""
         analysis = self.core.analyze(boundary)
+        self.metrics.analysis(analysis)
         await self.publish(analysis)
         await self.deployer.advance(boundary)
         await self.settle_transitions(boundary)
@@ -293,6 +299,7 @@ class ProcessorWorker(Worker):
                 await self.outputs.proposal(entry.proposal.id, entry.to_dict())
             items.append(("rollout", f"{transition['proposal_id']}.{transition['kind']}."
                           f"{transition['stage']}", transition["time_ns"], transition))
+        self.metrics.transitions(self.transitions)
         self.transitions.clear()
         await self.outputs.events(items)
 
