@@ -4,7 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 apt_packages=()
-command -v promtool >/dev/null || apt_packages+=(prometheus)  # promtool checks our /metrics
+# promtool checks our /metrics and rules; the prometheus server scrapes a daemon in a test
+command -v promtool >/dev/null || apt_packages+=(prometheus)
+# the Redis-backed rate limits and notifications run a throwaway redis-server
+command -v redis-server >/dev/null || apt_packages+=(redis-server)
 # The PostgreSQL storage tests run throwaway servers with initdb/pg_ctl.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_packages+=(postgresql)
 pip_extras="[test]"

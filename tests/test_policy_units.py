@@ -187,7 +187,7 @@ def test_max_restarts_zero_refuses_at_once_and_clear_resets():
 
 def test_default_services_start_in_tiers():
     deps = {n: s.depends_on for n, s in Config().enabled_services().items()}
-    assert start_tiers(deps) == [["integrations", "storage"], ["collector"], ["processor"],
+    assert start_tiers(deps) == [["storage"], ["collector", "integrations"], ["processor"],
                                  ["grpc_api", "rest_api"]]
     order = start_order(deps)
     for name, needs in deps.items():
