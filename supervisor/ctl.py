@@ -233,10 +233,12 @@ def call(ctx: click.Context, service: str, command: str, args: tuple[str, ...]) 
     click.echo(json.dumps(result, indent=2, sort_keys=True))
 
 
-def storage_admin(ctx: click.Context, command: str, path: str, wait: float) -> Any:
+def storage_admin(ctx: click.Context, command: str, path: str, wait: float,
+                  **args: Any) -> Any:
     """An admin command of the storage worker on a path, allowed ``wait`` seconds."""
     return request(ctx, "call", {"service": "storage", "command": command,
-                                 "args": {"path": os.path.abspath(path)}, "timeout_s": wait},
+                                 "args": {"path": os.path.abspath(path), **args},
+                                 "timeout_s": wait},
                    timeout=wait + 5)
 
 
@@ -249,17 +251,35 @@ wait_option = click.option("--timeout", "wait", type=float, default=600.0, show_
 @wait_option
 @click.pass_context
 def backup(ctx: click.Context, path: str, wait: float) -> None:
-    """Copy the embedded store to PATH (a new directory), consistently, while running."""
-    result = storage_admin(ctx, "backup", path, wait)
-    click.echo(f"backup of {result['keys']} keys written to {result['path']}")
+    """Copy the store to PATH, consistently, while running.
+
+    PATH is a new directory (LevelDB: a copy of the store; PostgreSQL: a pg_dump), or a
+    .tar.gz archive holding that copy, the daemon's config file and a manifest. The storage
+    worker writes it, so PATH must be writable by the daemon's user (under systemd:
+    /var/lib/llm-optimizer)."""
+    config_file = request(ctx, "status")["supervisor"].get("config_file")
+    result = storage_admin(ctx, "backup", path, wait, config_file=config_file)
+    if "backend" in result:  # an archive
+        held = result["store"]
+        what = f"{held['keys']} keys" if "keys" in held else f"a pg_dump of {held['bytes']} " \
+            "bytes"
+        config = f" and {result['config']['source']}" if "config" in result else ""
+        click.echo(f"archive of {what}{config} written to {result['path']} "
+                   f"({result['bytes']} bytes)")
+    elif "keys" in result:
+        click.echo(f"backup of {result['keys']} keys written to {result['path']}")
+    else:
+        click.echo(f"pg_dump of {result['bytes']} bytes written to {result['file']}")
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=click.Path(exists=True))
 @wait_option
 @click.pass_context
 def restore(ctx: click.Context, path: str, wait: float) -> None:
-    """Replace the embedded store with the backup at PATH, while running."""
+    """Replace the embedded store with the backup at PATH (a directory or a .tar.gz archive
+    from `backup`), while running. The archive's config file is not put back: compare it with
+    the running one yourself."""
     result = storage_admin(ctx, "restore", path, wait)
     click.echo(f"restored {result['keys']} keys from {result['restored_from']}")
 

@@ -7,7 +7,9 @@ never for time.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import re
 import shutil
 import signal
@@ -22,6 +24,8 @@ from ipc import storage as s
 from tests.conftest import wait_until
 from workers.storage.jobs import MAX_RECORDS, Job
 from workers.storage.leveldb_backend import kv_key
+from tests.storage.pg_cluster import PG_PASSWORD
+from workers.storage.pg_dump import pg_dump_binary
 from workers.storage_client import SyncStorageClient
 
 SLOW_KEYS = 1_000_000
@@ -262,7 +266,7 @@ def test_only_the_newest_records_are_kept(make_daemon):
     assert refused(d, "job", id=f"j.{7:016x}").startswith("no job ")
 
 
-def test_compact_on_postgres(make_daemon, pg_dsn):
+def test_compact_and_backup_on_postgres(make_daemon, pg_dsn):
     d = make_daemon(builtins=["storage"], extra={"storage": {"backend": "postgres"}},
                     env={"LLM_OPTIMIZER__STORAGE__POSTGRES_DSN": pg_dsn}).start()
     client = SyncStorageClient(d.runtime, timeout=5.0)
@@ -272,8 +276,13 @@ def test_compact_on_postgres(make_daemon, pg_dsn):
         client.close()
     done = wait_job(d, start(d, "compact")["id"], "succeeded")
     assert done["result"]["tables"][0] == "kv" and "log_records" in done["result"]["tables"]
-    failed = wait_job(d, start(d, "backup")["id"], "failed")
-    assert "pg_dump" in failed["message"]
+    backup = wait_job(d, start(d, "backup")["id"], "succeeded")
+    result = backup["result"]
+    assert result["format"] == "pg_dump" and "pg_dump" in backup["message"]
+    listed = subprocess.run([pg_dump_binary().replace("pg_dump", "pg_restore"), "--list",
+                             result["file"]], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "log_records" in listed.stdout, listed.stderr
+    assert PG_PASSWORD not in json.dumps(backup)
     reply = d.request("restart", {"service": "storage"}, timeout=70)
     assert reply.ok, reply.error
-    assert [job["state"] for job in call(d, "jobs")] == ["failed", "succeeded"]
+    assert [job["state"] for job in call(d, "jobs")] == ["succeeded", "succeeded"]

@@ -1,8 +1,12 @@
 """The storage worker end to end: a real optimizerd with its storage service on LevelDB."""
 from __future__ import annotations
 
+import tarfile
+import json
+import hashlib
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,6 +215,37 @@ def test_backup_and_restore_while_running(storage_daemon, client_for, tmp_path):
     assert c.call(s.Get(ns="test", key=b"k")) == b"before"
     assert c.call(s.LogInfo(log="events")).next_offset == 2
     assert c.call(s.LogAppend(log="events", records=[b"d"])).first_offset == 2
+
+
+def test_backup_archive_holds_store_config_and_manifest_and_restores(storage_daemon,
+                                                                     client_for, tmp_path):
+    d = storage_daemon()
+    c = client_for(d)
+    c.call(s.Put(ns="test", key=b"k", value=b"archived"))
+    target = tmp_path / "nested" / "optimizer.tar.gz"
+    r = d.ctl("backup", str(target))
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"archive of \d+ keys and {re.escape(d.config_path)} written to "
+                     rf"{re.escape(str(target))}", r.stdout), r.stdout
+    assert os.stat(target).st_mode & 0o777 == 0o600
+    with tarfile.open(target) as tar:
+        names = set(tar.getnames())
+        manifest = json.load(tar.extractfile("manifest.json"))
+        config = tar.extractfile(f"config/{os.path.basename(d.config_path)}").read()
+    assert "store" in names and any(n.startswith("store/") for n in names)
+    assert manifest["backend"] == "leveldb" and manifest["store"]["keys"] >= 1
+    assert config == open(d.config_path, "rb").read()
+    assert manifest["config"]["sha256"] == hashlib.sha256(config).hexdigest()
+    assert d.ctl("backup", str(target)).returncode == 2  # never overwrites
+    c.call(s.Put(ns="test", key=b"k", value=b"changed"))
+    r = d.ctl("restore", str(target))
+    assert r.returncode == 0, r.stderr
+    assert c.call(s.Get(ns="test", key=b"k")) == b"archived"
+    assert sorted(os.listdir(target.parent)) == ["optimizer.tar.gz"]  # nothing left behind
+    junk = tmp_path / "junk.tar.gz"
+    junk.write_bytes(b"not a tar")
+    r = d.ctl("restore", str(junk))
+    assert r.returncode == 2 and "not a backup archive" in r.stderr
 
 
 def test_document_changes_are_published_on_redis(storage_daemon, client_for, redis_url):

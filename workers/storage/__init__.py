@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from typing import Any
 
 import tenacity
@@ -20,6 +21,7 @@ import zmq.asyncio
 from ipc import storage as s
 from ipc.config import StorageSection
 from workers.runtime import Worker
+from workers.storage import archive
 from workers.storage.backend import Backend, StorageFailure, Unavailable
 from workers.storage.jobs import JobRunner
 from workers.storage.redis_companion import RedisCompanion
@@ -169,7 +171,7 @@ class StorageWorker(Worker):
         if command == "stats":
             return await self.backend.read(s.Stats())
         if command == "backup":
-            return await self.backup(str(args.get("path", "")))
+            return await self.backup(str(args.get("path", "")), args.get("config_file"))
         if command == "restore":
             return await self.restore(str(args.get("path", "")))
         if command == "job-start":
@@ -182,24 +184,45 @@ class StorageWorker(Worker):
             return await self.jobs.cancel_job(args)
         return await super().admin(command, args)
 
-    async def backup(self, path: str) -> dict[str, Any]:
+    async def backup(self, path: str, config_file: str | None = None) -> dict[str, Any]:
+        """A copy of the store in the new directory ``path``, or, for a ``.tar.gz`` path, an
+        archive of that copy with ``config_file`` (``workers.storage.archive``)."""
         if not path or not os.path.isabs(path):
             raise ValueError("backup needs an absolute target path that does not exist yet")
-        if not hasattr(self.backend, "backup"):
-            raise ValueError(f"{self.backend.name}: use the database's own tools (pg_dump), "
-                             "see docs/storage.md")
-        # In a thread: the copy reads a snapshot while the loop goes on serving and beating.
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        # In a thread: the copy reads a snapshot (LevelDB) or waits for pg_dump (PostgreSQL)
+        # while the loop goes on serving and beating.
+        if archive.is_archive(path):
+            return await asyncio.to_thread(archive.make, path, self.backend.backup,
+                                           self.backend.name, config_file)
         return await asyncio.to_thread(self.backend.backup, path)
 
     async def restore(self, path: str) -> dict[str, Any]:
-        """Swap the embedded store for a backup, live."""
+        """Swap the embedded store for a backup (a directory, or the store of an archive),
+        live."""
         from workers.storage.leveldb_backend import LevelDBBackend, restore
 
         backend = self.backend
+        if archive.is_archive(path) and os.path.isfile(path):
+            unpacked = path + ".restore"
+            shutil.rmtree(unpacked, ignore_errors=True)
+            manifest = await asyncio.to_thread(archive.extract, path, unpacked)
+            if manifest.get("backend") != backend.name or manifest["backend"] == "postgres":
+                store = os.path.join(unpacked, "store")
+                raise ValueError(
+                    f"the archive holds a {manifest.get('backend')} store, unpacked in {store}"
+                    + ("; restore it with pg_restore --clean --no-owner --dbname=... "
+                       f"{store}/postgres.dump" if manifest.get("backend") == "postgres"
+                       else f"; this daemon runs {backend.name}"))
+            try:
+                done = await self.restore(os.path.join(unpacked, "store"))
+            finally:
+                shutil.rmtree(unpacked, ignore_errors=True)
+            return {**done, "restored_from": path, "archive": manifest}
         if not isinstance(backend, LevelDBBackend):
             raise ValueError(f"{backend.name}: restore with the database's own tools")
         if not path or not os.path.isdir(path):
-            raise ValueError(f"{path!r} is not a backup directory")
+            raise ValueError(f"{path!r} is not a backup directory or archive")
         running = self.jobs.running
         if running is not None:  # it reads or compacts the store that restore swaps out
             raise ValueError(f"job {running.id} ({running.kind}) is running; wait for it or "

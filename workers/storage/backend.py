@@ -150,6 +150,11 @@ class Backend(ABC):
         """A real round trip to the store; raise Unavailable when it fails."""
 
     @abstractmethod
+    def backup(self, target: str) -> dict[str, Any]:
+        """A consistent copy of the running store in the new directory ``target`` (blocking:
+        called in a thread); the result holds at least ``path``."""
+
+    @abstractmethod
     async def write(self, ops: Sequence[s.Op]) -> list[Any]:
         """Apply validated write operations in one durable commit. Returns, per op, its result
         or the StorageFailure that refused it (the others are still applied)."""

@@ -5,7 +5,7 @@ its record (``job``, ``jobs``) instead of holding a call open for as long as a b
 runner works the queue off in order, one job at a time, so that two maintenance tasks never
 compete for the store. Kinds:
 
-- ``backup``: a consistent copy of the embedded LevelDB (PostgreSQL: pg_dump, not us);
+- ``backup``: a consistent copy of the embedded LevelDB, or a pg_dump of PostgreSQL;
 - ``compact``: LevelDB compaction, or ``VACUUM (ANALYZE)`` of the PostgreSQL tables;
 - ``retention``: the event-log retention, now rather than at the next minute.
 
@@ -444,10 +444,7 @@ class JobRunner:
 
     async def backup(self, job: Job) -> tuple[dict[str, Any], str]:
         backend = self.backend
-        copy = getattr(backend, "backup", None)
-        if copy is None:
-            raise Unsupported(f"{backend.name}: the storage worker does not back up "
-                              "PostgreSQL; use pg_dump (docs/storage.md, Backup and restore)")
+        copy = backend.backup
         target = job.args.get("path") or self.backup_path()
         job.message = f"copying a snapshot of the store to {target}"
 
@@ -461,7 +458,9 @@ class JobRunner:
                 raise
 
         result = await self.in_thread(job, run)
-        return result, f"backed up {result['keys']} keys to {result['path']}"
+        what = f"{result['keys']} keys" if "keys" in result else f"a pg_dump of " \
+            f"{result['bytes']} bytes"
+        return result, f"backed up {what} to {result['path']}"
 
     def backup_path(self) -> str:
         """<backups_dir>/backup-<UTC time>, with -2, -3... when one second sees several."""

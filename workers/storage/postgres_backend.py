@@ -46,6 +46,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from ipc import storage as s
 from workers.storage.backend import (Backend, BadRequest, Conflict, NotFound, StorageFailure,
                                      Unavailable, now_ms, stage_each)
+from workers.storage import pg_dump
 from workers.storage.postgres_migrations import load_migrations, migrate
 from workers.storage.postgres_sql import (INSERT_HEADS, LOCK_HEADS, LOCK_DOCS, KV_UPSERT,
                                           KV_DELETE, TS_UPSERT, DOC_INSERT, DOC_CURRENT,
@@ -165,6 +166,10 @@ class PostgresBackend(Backend):
             return StorageFailure(f"PostgreSQL error while {doing}: {self.clean(exc)}")
         return StorageFailure(f"internal error while {doing}: {type(exc).__name__}: "
                               f"{self.clean(exc)}")
+
+    def backup(self, target: str) -> dict[str, Any]:
+        """A pg_dump of the running database into the new directory ``target``."""
+        return pg_dump.dump(self.dsn, target, self.clean)
 
     # --- lifecycle ------------------------------------------------------------------------
 
