@@ -8,6 +8,9 @@ apt_packages=()
 command -v promtool >/dev/null || apt_packages+=(prometheus)
 # the Redis-backed rate limits and notifications run a throwaway redis-server
 command -v redis-server >/dev/null || apt_packages+=(redis-server)
+# the systemd unit boots for real in a container (as root); the shell scripts are linted
+command -v systemd-nspawn >/dev/null || apt_packages+=(systemd-container)
+command -v shellcheck >/dev/null || apt_packages+=(shellcheck)
 # The PostgreSQL storage tests run throwaway servers with initdb/pg_ctl.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_packages+=(postgresql)
 pip_extras="[test]"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ import yaml
 from ipc.config import split_listen
 from ipc.config_loader import ENV_PREFIX, ConfigError, load_config, parse_env_value
 from tests.conftest import free_port, wait_until
+
+from .tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "etc" / "docker"
@@ -37,15 +38,6 @@ CONTAINER_CONFIG = "/etc/llm-optimizer/optimizer.toml"
 COMPOSE_ENV = {"POSTGRES_PASSWORD": "s3cret"}
 LONG_RUNNING = ("optimizerd", "postgres", "redis", "kafka", "prometheus", "grafana")
 DATABASES = ("postgres", "redis", "kafka", "kafka-init")
-
-
-def tool(name: str, hint: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is missing ({hint})")
-        pytest.skip(f"{name} not installed ({hint})")
-    return path
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -17,7 +17,6 @@ import glob
 import importlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -31,6 +30,8 @@ import yaml
 from ipc.config import Config, split_listen
 from ipc.config_loader import config_from_document
 from tests.conftest import Daemon, free_port, http_get, wait_until
+
+from .tools import missing, tool
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAIN_DIR = ROOT / "etc" / "kubernetes"
@@ -66,31 +67,18 @@ AUTOSCALED = {**EXTERNAL, "autoscaling": {"enabled": True, "minReplicas": 2, "ma
 
 # --- tools ---------------------------------------------------------------------------------
 
-def missing(what: str) -> None:
-    hint = f"{what} (pip install kubernetes-validate yamllint helm-python-sdk)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{hint}: required with CI=true")
-    pytest.skip(hint)
-
-
-def executable(name: str) -> str:
-    """A console script of this interpreter's environment, else one on PATH."""
-    beside = os.path.join(os.path.dirname(sys.executable), name)
-    found = beside if os.access(beside, os.X_OK) else shutil.which(name)
-    if found is None:
-        missing(f"{name} is not installed")
-    return found
+HINT = "pip install kubernetes-validate yamllint helm-python-sdk"
 
 
 def helm() -> Any:
     try:
         return importlib.import_module("helm_python")
     except ImportError:
-        missing("helm-python-sdk (Helm's Go SDK as a library) is not installed")
+        missing(f"helm-python-sdk (Helm's Go SDK as a library) is not installed ({HINT})")
 
 
 def kubernetes_validate(paths: list[str], version: str) -> None:
-    done = subprocess.run([executable("kubernetes-validate"), "--strict", "-k", version,
+    done = subprocess.run([tool("kubernetes-validate", HINT), "--strict", "-k", version,
                            *paths], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"kubernetes-validate {version}:\n{done.stdout}{done.stderr}"
     # Every document was checked: one "passed" line per resource.
@@ -154,7 +142,7 @@ def test_plain_manifests_pass_kubernetes_validate(version: str) -> None:
 
 def test_yamllint_on_manifests_and_values() -> None:
     paths = [str(PLAIN_DIR), str(CHART / "values.yaml"), str(CHART / "Chart.yaml")]
-    done = subprocess.run([executable("yamllint"), "-s", "-d", YAMLLINT_CONFIG, *paths],
+    done = subprocess.run([tool("yamllint", HINT), "-s", "-d", YAMLLINT_CONFIG, *paths],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 

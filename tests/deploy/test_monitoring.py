@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -34,6 +33,8 @@ import yaml
 
 from tests.conftest import Daemon, free_port, http_get, wait_until
 
+from .tools import tool
+
 pytestmark = pytest.mark.timeout(300)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,15 +50,6 @@ SEVERITIES = {"critical", "warning", "info"}
 SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h",
                 "$instance": ".*", "$service": ".*"}
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is not installed: {INSTALL_HINT}")
-        pytest.skip(f"{name} is not installed: {INSTALL_HINT}")
-    return path
 
 
 def run(*args: str, cwd: Path = PROM_DIR) -> subprocess.CompletedProcess:
@@ -136,19 +128,19 @@ def github_anchor(heading: str) -> str:
 
 
 def test_prometheus_config_passes_promtool() -> None:
-    result = run(tool("promtool"), "check", "config", str(PROM_CONFIG))
+    result = run(tool("promtool", INSTALL_HINT), "check", "config", str(PROM_CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr
 
 
 def test_alert_rules_pass_promtool() -> None:
-    result = run(tool("promtool"), "check", "rules", str(ALERTS))
+    result = run(tool("promtool", INSTALL_HINT), "check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout + result.stderr
 
 
 def test_alert_rule_unit_tests_pass() -> None:
-    result = run(tool("promtool"), "test", "rules", str(ALERTS_TEST))
+    result = run(tool("promtool", INSTALL_HINT), "test", "rules", str(ALERTS_TEST))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr
     with open(ALERTS_TEST) as f:
@@ -411,7 +403,7 @@ def api(base: str, path: str, **params: str) -> dict[str, Any]:
 
 
 def test_real_prometheus_scrapes_and_evaluates_every_rule(daemon) -> None:
-    binary = tool("prometheus")
+    binary = tool("prometheus", INSTALL_HINT)
     d, _ = daemon
     with open(PROM_CONFIG) as f:
         config = yaml.safe_load(f)
