@@ -407,3 +407,18 @@ def test_a_session_gets_claudes_suggestions_with_their_cost(setup):
     assert "Service: rb-svc" in text and "cut cost by a third" in text and "support" in text
     usage = api("GET", "/v1/integrations/anthropic")[1]["usage"]
     assert usage["calls"] >= 1 and usage["input_tokens"] >= 420 and usage["cost_usd"] > 0
+
+
+def test_integrations_wait_for_an_unreachable_store_instead_of_failing(make_daemon):
+    """PostgreSQL away at start: storage is degraded, and integrations come up (degraded,
+    waiting for storage, retrying) rather than crash-looping into `failed`."""
+    d = make_daemon(builtins=["storage", "integrations"], extra={"storage": {
+        "backend": "postgres",
+        "postgres_dsn": f"postgresql://optimizer@127.0.0.1:{free_port()}/optimizer"}}).start()
+    entry = d.wait_service("integrations", lambda x: x["state"] == "ready"
+                           and "waiting for storage" in (x["reason"] or ""), 30)
+    assert entry["health"] == "degraded"
+    wait_until(lambda: Path(d.log_path).read_text().count(
+        "integrations: waiting for storage") >= 3, 30, message="three retries logged")
+    entry = d.services()["integrations"]
+    assert entry["state"] == "ready" and entry["restarts"] == 0

@@ -120,6 +120,7 @@ class IntegrationsService:
         self.session: aiohttp.ClientSession | None = None
         self.position: int | None = None
         self.failed_seen: set[str] = set()
+        self.waiting = "starting"  # why the service does not deliver yet; empty once it does
         self.links: dict[str, Link] = {}
         self.routes: dict[str, RoutingSection] = {}
         for name, (factory, routing) in build_destinations(section).items():
@@ -151,7 +152,31 @@ class IntegrationsService:
     # --- life -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Ready at once: what needs storage (the outbox, the position, the overrides) is
+        loaded by a task that waits for storage as long as it takes, so that the service
+        comes up (degraded) while PostgreSQL is away instead of failing its start."""
         self.session = aiohttp.ClientSession(headers={"User-Agent": "llm-auto-optimizer"})
+        self.tasks.append(asyncio.create_task(self.run(), name="integrations"))
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.prepare()
+                break
+            except (s.StorageFailure, Problem) as exc:
+                self.waiting = f"waiting for storage: {exc}"
+                log.warning("integrations: %s; again in 1 s", self.waiting)
+                await asyncio.sleep(1.0)
+        self.waiting = ""
+        self.update_gauges()
+        log.info("integrations: %s; outbox %d pending, %d dead",
+                 ", ".join(f"{n} {self.state_of(n)}" for n in self.links) or "none",
+                 len(self.outbox.pending), self.outbox.dead_count)
+        await asyncio.gather(*(self.forever(name, job) for name, job in (
+            ("events", self.follow_events), ("supervisor", self.follow_supervisor),
+            ("delivery", self.deliver_loop))))
+
+    async def prepare(self) -> None:
         await self.load_overrides()
         await self.outbox.load()
         raw = await self.storage.call(s.Get(ns=STATE_NS, key=POSITION_KEY))
@@ -160,14 +185,6 @@ class IntegrationsService:
         else:
             self.position = (await self.storage.call(s.LogInfo(log=EVENTS_LOG))).next_offset
             await self.save_position()
-        self.update_gauges()
-        for name, job in (("events", self.follow_events), ("supervisor", self.follow_supervisor),
-                          ("delivery", self.deliver_loop)):
-            self.tasks.append(asyncio.create_task(self.forever(name, job),
-                                                  name=f"integrations-{name}"))
-        log.info("integrations: %s; outbox %d pending, %d dead",
-                 ", ".join(f"{n} {self.state_of(n)}" for n in self.links) or "none",
-                 len(self.outbox.pending), self.outbox.dead_count)
 
     async def stop(self) -> None:
         for task in self.tasks:
@@ -356,13 +373,15 @@ class IntegrationsService:
                 "target": self.anthropic.describe(), "usage": self.anthropic.usage()}
 
     def status(self) -> dict[str, Any]:
-        return {"destinations": [self.describe(n) for n in self.links],
+        return {"waiting": self.waiting, "destinations": [self.describe(n) for n in self.links],
                 "anthropic": self.anthropic_view(), "position": self.position,
                 "outbox": {"pending": len(self.outbox.pending),
                            "dead": self.outbox.dead_count,
                            "delivered": self.outbox.done_count}}
 
     def health(self) -> tuple[str, str]:
+        if self.waiting:
+            return "degraded", self.waiting
         troubled = [n for n in self.links if self.state_of(n) in ("degraded", "misconfigured")]
         if troubled:
             return "degraded", "integrations " + ", ".join(
