@@ -63,6 +63,16 @@ class ObservabilitySection(Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: Annotated[Literal["debug", "info", "warning", "error"], doc(
         "Least severe level logged, by the supervisor and every worker.")] = "info"
     json_logs: Annotated[bool, doc("One JSON object per log line instead of text.")] = False
+    otlp_endpoint: Annotated[str, doc(
+        "OTLP/HTTP traces endpoint the services export their own spans to, e.g. "
+        "http://otel-collector:4318/v1/traces (not this daemon's collector; needs the "
+        "'tracing' extra). Empty: no tracing, at no cost.", pattern=r"^$|^https?://\S+$")] = ""
+    otlp_headers_file: Annotated[str, doc(
+        "File of 'Header: value' lines sent with every export (credentials). Empty: none."
+    )] = ""
+    trace_sample_ratio: Annotated[float, doc(
+        "Share of new traces recorded; a trace continued from a caller follows the caller's "
+        "choice.", ge=0, le=1)] = 1.0
 
 
 class AdminSection(Struct, kw_only=True, forbid_unknown_fields=True):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import itertools
 import os
 import re
@@ -18,8 +19,8 @@ from typing import Any, Literal
 import msgspec
 
 from ipc.config import (BUILTIN_SERVICES, LISTEN_PATTERN, Config, ExtraServiceSection,
-                        PriceOverride, ProcessorSection, is_valid_service_name,
-                        split_listen)
+                        ObservabilitySection, PriceOverride, ProcessorSection,
+                        is_valid_service_name, split_listen)
 from ipc.dependencies import DependencyCycleError, start_order
 from ipc.endpoints import IPC_PATH_MAX, SOCKET_NAME_MAX, runtime_dir, socket_path
 
@@ -169,6 +170,32 @@ def check_processor(section: ProcessorSection) -> None:
                           "(percent of traffic)", stages)
 
 
+# The modules workers.tracing imports when tracing is on, and the distributions holding them.
+TRACING_MODULES = {"opentelemetry.sdk": "opentelemetry-sdk",
+                   "opentelemetry.exporter.otlp.proto.http":
+                       "opentelemetry-exporter-otlp-proto-http"}
+
+
+def check_observability(section: ObservabilitySection) -> None:
+    """Tracing on needs its optional packages: refused at start rather than in every worker.
+
+    ``find_spec`` of these names imports only namespace packages: no OpenTelemetry code runs."""
+    if not section.otlp_endpoint:
+        return
+    missing = [dist for module, dist in TRACING_MODULES.items() if not _importable(module)]
+    if missing:
+        raise ConfigError("observability.otlp_endpoint", "tracing needs " + ", ".join(missing)
+                          + " (pip install 'llm-auto-optimizer[tracing]'), or leave it empty",
+                          section.otlp_endpoint)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
 def check_semantics(config: Config) -> None:
     """Checks that span keys: names, references, cycles, ports, timing relations."""
     sup = config.supervisor
@@ -190,6 +217,7 @@ def check_semantics(config: Config) -> None:
         raise ConfigError("supervisor.backoff_max", "must be at least supervisor.backoff_base "
                           f"({sup.backoff_base})", sup.backoff_max)
     check_processor(config.processor)
+    check_observability(config.observability)
     for name in config.services:
         if name in BUILTIN_SERVICES or not is_valid_service_name(name):
             raise ConfigError(f"services.{name}", "service names are lowercase letters, digits "

@@ -105,9 +105,13 @@ class Stop(Message, tag="stop"):
 
 
 class AdminCall(Message, tag="admin_call"):
+    """``trace``: the caller's W3C traceparent when tracing is on, so the command's span joins
+    the caller's trace (``body["trace"]`` of the control request, passed through)."""
+
     request_id: int
     command: str
     args: dict[str, Any] = field(default_factory=dict)
+    trace: str | None = None
 
 
 # --- optimizerctl <-> supervisor (control.sock) --------------------------------------------

@@ -271,9 +271,13 @@ class LogState(Struct):
 # --- envelope --------------------------------------------------------------------------------
 
 class StorageRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """``trace``: the caller's W3C traceparent, set only when tracing is on and the caller is
+    in a sampled span; the storage worker then records the request as a child span."""
+
     id: int
     op: AnyOp
     v: int = PROTOCOL_VERSION
+    trace: str | None = None
 
 
 class StorageError(Struct):

@@ -201,9 +201,11 @@ class ControlCommands:
         call_id = next(self.call_ids)
         self.admin_calls[call_id] = (respond, request.id)
         args = request.body.get("args") or {}
+        trace = request.body.get("trace")  # the caller's traceparent, passed through
         self.daemon.send(ready[0].token, m.AdminCall(
             request_id=call_id, command=str(request.body.get("command", "")),
-            args=args if isinstance(args, dict) else {}))
+            args=args if isinstance(args, dict) else {},
+            trace=trace if isinstance(trace, str) else None))
 
         def expire() -> None:
             waiting = self.admin_calls.pop(call_id, None)

@@ -26,6 +26,7 @@ from ipc import messages as m
 from ipc.config import Config, ServiceSection, worker_view
 from ipc.endpoints import WORKERS_SOCKET, endpoint
 from ipc.logrecords import LEVELS, configure_logging
+from workers import tracing
 
 log = logging.getLogger("workers.runtime")
 # Written to <runtime_dir>/metrics (multiprocess mode) and served by the supervisor's /metrics.
@@ -241,8 +242,11 @@ class WorkerRuntime:
     async def apply_reload(self, raw: dict[str, Any]) -> None:
         try:
             new = msgspec.convert(raw, Config)
-            applied = await self.worker.reload(new)
-            reason = "" if applied else "change needs a restart"
+            if tracing.settings(new) != tracing.settings(self.config):
+                applied, reason = False, "tracing settings change needs a restart"
+            else:
+                applied = await self.worker.reload(new)
+                reason = "" if applied else "change needs a restart"
         except Exception as exc:
             log.exception("reload failed")
             applied, reason = False, f"reload failed: {exc}"
@@ -255,8 +259,11 @@ class WorkerRuntime:
         await self.send(m.ReloadResult(token=self.spec.token, applied=applied, reason=reason))
 
     async def answer_admin(self, call: m.AdminCall) -> None:
+        carrier = {"traceparent": call.trace} if call.trace else None
         try:
-            result = await self.worker.admin(call.command, call.args)
+            with tracing.server_span(f"admin {call.command}", carrier, {
+                    "admin.service": self.spec.service, "admin.command": call.command}):
+                result = await self.worker.admin(call.command, call.args)
             reply = m.AdminReply(token=self.spec.token, request_id=call.request_id, ok=True,
                                  result=msgspec.to_builtins(result))
         except Exception as exc:
@@ -284,11 +291,13 @@ def run_worker(spec_bytes: bytes, stdout: Any, stderr: Any) -> None:
     configure_logging(spec.service, config.observability.log_level, json_lines=True)
     code = 1
     try:
+        tracing.setup(config, spec.service, spec.instance)
         worker = load_worker_class(spec.entrypoint)(WorkerContext(spec, config))
         code = asyncio.run(WorkerRuntime(spec, config, worker).run())
     except Exception:
         log.exception("worker %s crashed", spec.service)
     finally:
+        tracing.shutdown()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -19,6 +19,7 @@ import zmq.asyncio
 
 from ipc import storage as s
 from ipc.messages import MAX_MESSAGE_BYTES, ProtocolError
+from workers import tracing
 
 log = logging.getLogger("workers.storage_client")
 DEFAULT_TIMEOUT = 5.0
@@ -62,7 +63,8 @@ class StorageClient:
         future = asyncio.get_running_loop().create_future()
         self.pending[request_id] = future
         try:
-            await self.sock.send(s.encode(s.StorageRequest(id=request_id, op=op)))
+            await self.sock.send(s.encode(s.StorageRequest(id=request_id, op=op,
+                                                           trace=tracing.traceparent())))
             reply = await asyncio.wait_for(future, timeout or self.timeout)
         except TimeoutError:
             raise s.StorageTimeout(f"no answer from storage within "

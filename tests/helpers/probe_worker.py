@@ -1,5 +1,5 @@
-"""A test-only worker: the stub plus admin commands that print raw output and grow memory,
-and a health() that raises when settings.health_raises is set.
+"""A test-only worker: the stub plus admin commands that print raw output, grow memory and
+list the modules it has imported, and a health() that raises when settings.health_raises is set.
 
 The daemon under test gets tests/helpers on PYTHONPATH, so ``probe_worker:ProbeWorker`` is a
 valid entrypoint there; nothing in the product imports this.
@@ -41,4 +41,6 @@ class ProbeWorker(StubWorker):
             text = "".join(chr(97 + i % 26) for i in range(size)) if size else args.get("text", "")
             print(text, flush=True)
             return {"printed": len(text)}
+        if command == "modules":  # the imported modules whose name starts with prefix=...
+            return sorted(m for m in sys.modules if m.startswith(args.get("prefix", "")))
         return await super().admin(command, args)

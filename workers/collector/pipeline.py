@@ -20,6 +20,7 @@ from ipc import storage as s
 from ipc.events import ACCEPTED as EVENT_KEYS
 from ipc.events import LLMEvent, encode_event
 from ipc.prices import PriceTable
+from workers import tracing
 from workers.eventlog import EventLogError, Producer
 from workers.resilience import CircuitBreaker, CircuitOpen
 from workers.storage_client import StorageClient
@@ -83,10 +84,12 @@ class IngestPipeline:
         self.in_flight += len(events)
         IN_FLIGHT.inc(len(events))
         try:
-            async with self.breaker:
-                # Cost from the price table where the event brought none.
-                await self.producer.append([encode_event(self.prices.with_cost(e))
-                                            for e in events])
+            with tracing.span("collector.ingest", {"ingest.source": source,
+                                                   "ingest.events": len(events)}):
+                async with self.breaker:
+                    # Cost from the price table where the event brought none.
+                    await self.producer.append([encode_event(self.prices.with_cost(e))
+                                                for e in events])
         except CircuitOpen as exc:
             raise NotDurable(f"the event log is failing; {exc}",
                              retry_after=max(1.0, exc.retry_after)) from exc

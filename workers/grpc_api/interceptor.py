@@ -13,6 +13,8 @@ a request id, authentication, the rate limit, logging, metrics and error mapping
 * **Errors**: ``Problem`` becomes its status (``errors.problem_status``); anything unexpected is
   logged with its traceback and answered INTERNAL with the request id only.
 * **Metrics**: RPCs by method and code, latency by method, active streams.
+* **Tracing** (when on): a server span per call, continuing the client's trace when its
+  metadata carries a ``traceparent``.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import grpc
 from multidict import CIMultiDict
 from prometheus_client import Counter, Gauge, Histogram
 
+from workers import tracing
 from workers.grpc_api.errors import internal_status, problem_status, status_of
 from workers.rest_api.auth import AuthError, AuthFailure, Authenticator, Principal, Role
 from workers.rest_api.problems import Problem
@@ -53,6 +56,11 @@ METHOD: contextvars.ContextVar[str] = contextvars.ContextVar("grpc_method", defa
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.",
                    "/llm_optimizer.v1.HealthService/")
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Codes answering the server's own failure: they fail the call's span (OpenTelemetry's gRPC
+# conventions); the other codes are the caller's doing.
+SERVER_ERRORS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED,
+                           grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL,
+                           grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
 
 
 def current_principal() -> Principal | None:
@@ -121,7 +129,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
             await spend(self.limiter, principal)
 
     async def _fail(self, context: grpc.aio.ServicerContext, method: str,
-                    exc: BaseException) -> grpc.StatusCode:
+                    exc: BaseException, span: Any) -> grpc.StatusCode:
         """Answer ``exc`` as a status (this raises AbortError, which ends the call)."""
         if isinstance(exc, Problem):
             status = problem_status(exc)
@@ -132,35 +140,39 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         else:
             status = internal_status(REQUEST_ID.get())
             log.error("%s failed (request %s)", method, REQUEST_ID.get(), exc_info=exc)
-        RPCS.labels(method, status.code.name).inc()
+        _outcome(span, method, status.code.name)
         await context.abort_with_status(status)
         return status.code  # not reached: abort raises
 
     @contextlib.asynccontextmanager
-    async def _answering(self, context: grpc.aio.ServicerContext, method: str
-                         ) -> AsyncIterator[None]:
-        """Around one call: its duration and outcome counted, its errors answered."""
+    async def _answering(self, context: grpc.aio.ServicerContext, method: str,
+                         metadata: CIMultiDict[str]) -> AsyncIterator[None]:
+        """Around one call: its span, its duration and outcome counted, its errors answered."""
         started = time.perf_counter()
-        try:
-            yield
-        except grpc.aio.AbortError:
-            RPCS.labels(method, _code(context)).inc()
-            raise
-        except asyncio.CancelledError:  # the deadline passed or the client went away
-            RPCS.labels(method, "CANCELLED").inc()
-            raise
-        except Exception as exc:  # noqa: BLE001 - each is answered as a status
-            await self._fail(context, method, exc)
-            raise  # not reached
-        else:
-            RPCS.labels(method, "OK").inc()
-        finally:
-            LATENCY.labels(method).observe(time.perf_counter() - started)
+        service, _, name = method[1:].partition("/")
+        with tracing.server_span(method[1:], metadata, {
+                "rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+                exception_fails=False) as span:
+            try:
+                yield
+            except grpc.aio.AbortError:
+                _outcome(span, method, _code(context))
+                raise
+            except asyncio.CancelledError:  # the deadline passed or the client went away
+                _outcome(span, method, "CANCELLED")
+                raise
+            except Exception as exc:  # noqa: BLE001 - each is answered as a status
+                await self._fail(context, method, exc, span)
+                raise  # not reached
+            else:
+                _outcome(span, method, "OK")
+            finally:
+                LATENCY.labels(method).observe(time.perf_counter() - started)
 
     def _unary(self, behaviour: Callable[..., Awaitable[Any]], method: str,
                metadata: CIMultiDict[str], public: bool) -> Callable[..., Awaitable[Any]]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._answering(context, method):
+            async with self._answering(context, method, metadata):
                 await self._admit(context, method, metadata, public)
                 return await behaviour(request, context)
 
@@ -171,7 +183,7 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             ACTIVE_STREAMS.inc()
             try:
-                async with self._answering(context, method):
+                async with self._answering(context, method, metadata):
                     await self._admit(context, method, metadata, public)
                     async for item in behaviour(request, context):
                         yield item
@@ -179,6 +191,15 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
                 ACTIVE_STREAMS.dec()
 
         return stream
+
+
+def _outcome(span: Any, method: str, code: str) -> None:
+    """Count a call's status code, and note it on the call's span."""
+    RPCS.labels(method, code).inc()
+    status = grpc.StatusCode[code]
+    span.set_attribute("rpc.grpc.status_code", status.value[0])
+    if status in SERVER_ERRORS:
+        tracing.fail(span, code)
 
 
 def _code(context: grpc.aio.ServicerContext) -> str:

@@ -11,6 +11,7 @@ at any point resumes from the last checkpoint with nothing lost or counted twice
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from ipc.config import ProcessorSection
 from ipc.events import EventDecodeError, LLMEvent, decode_event, decode_feedback
 from ipc.prices import price_table_from_config
 from ipc.variants import LLMConfig
+from workers import tracing
 from workers.eventlog import ConsumedRecord, EventLogError, open_consumer
 from workers.processor.canary import CanaryDeployer, CanarySettings, RolloutError
 from workers.processor.checkpoint import Checkpoint, CheckpointStore
@@ -148,6 +150,13 @@ class ProcessorWorker(Worker):
 
     async def step(self) -> None:
         records = await self.consumer.poll(BATCH, POLL_TIMEOUT)
+        # A span per batch of events; an idle poll is not worth a trace.
+        with (tracing.span("processor.step", {"processor.records": len(records)}) if records
+              else contextlib.nullcontext()):
+            await self.process(records)
+
+    async def process(self, records: list[ConsumedRecord]) -> None:
+        """Feed a batch to the core, run the analyses it makes due, checkpoint when it is time."""
         events = list(self.decode(records))
         done = 0
         while True:
@@ -191,15 +200,18 @@ class ProcessorWorker(Worker):
 
     async def analyze(self, boundary: int) -> None:
         """One analysis interval: findings, proposals, canary judgements, auto-deploys."""
-        analysis = self.core.analyze(boundary)
-        self.metrics.analysis(analysis)
-        await self.publish(analysis)
-        await self.deployer.advance(boundary)
-        await self.settle_transitions(boundary)
-        if (self.section.decisions.auto_deploy and self.flags.enabled("auto_deploy")
-                and self.flags.enabled("rollouts")):
-            for entry in self.core.proposals.next_to_deploy(set(self.deployer.active)):
-                await self.auto_deploy(entry, boundary)
+        with tracing.span("processor.analysis", {"processor.boundary_ns": boundary}) as span:
+            analysis = self.core.analyze(boundary)
+            span.set_attribute("processor.findings", len(analysis.findings))
+            span.set_attribute("processor.new_proposals", len(analysis.new_proposals))
+            self.metrics.analysis(analysis)
+            await self.publish(analysis)
+            await self.deployer.advance(boundary)
+            await self.settle_transitions(boundary)
+            if (self.section.decisions.auto_deploy and self.flags.enabled("auto_deploy")
+                    and self.flags.enabled("rollouts")):
+                for entry in self.core.proposals.next_to_deploy(set(self.deployer.active)):
+                    await self.auto_deploy(entry, boundary)
 
     async def auto_deploy(self, entry: Entry, now_ns: int) -> None:
         """Deploy a new proposal; one that cannot be rolled out stays open, with the reason."""
@@ -221,16 +233,18 @@ class ProcessorWorker(Worker):
     async def deploy(self, entry: Entry, now_ns: int) -> dict[str, Any]:
         """Start the canary rollout of a proposal."""
         proposal = entry.proposal
-        self.flags.require("rollouts", f"deploy of {proposal.id}")
-        try:
-            baseline = await self.configs.get(proposal.service)
-        except ConfigNotFound:
-            baseline = await self.configs.put(
-                LLMConfig(service=proposal.service, model=proposal.model, updated_ns=now_ns),
-                "as observed before the first rollout", 0)
-        transition = await self.deployer.start(proposal.service, rollout_id(proposal.id),
-                                               baseline, proposal.change, now_ns)
-        await self.settle_transitions(now_ns)
+        with tracing.span("processor.deploy", {"processor.proposal": proposal.id,
+                                               "processor.service": proposal.service}):
+            self.flags.require("rollouts", f"deploy of {proposal.id}")
+            try:
+                baseline = await self.configs.get(proposal.service)
+            except ConfigNotFound:
+                baseline = await self.configs.put(
+                    LLMConfig(service=proposal.service, model=proposal.model,
+                              updated_ns=now_ns), "as observed before the first rollout", 0)
+            transition = await self.deployer.start(proposal.service, rollout_id(proposal.id),
+                                                   baseline, proposal.change, now_ns)
+            await self.settle_transitions(now_ns)
         return transition.to_dict()
 
     def open_proposal(self, args: dict[str, Any]) -> Entry:
@@ -313,13 +327,14 @@ class ProcessorWorker(Worker):
         """Save the state with the positions it reflects, then commit the group's offsets."""
         state = msgspec.msgpack.encode((self.core.state_to_bytes(),
                                         self.deployer.state_to_bytes()))
-        await self.checkpoints.save(Checkpoint(dict(self.positions), self.feedback_position,
-                                               state))
-        self.checkpoints_saved += 1
-        self.last_checkpoint = time.monotonic()
-        if self.uncommitted:
-            await self.consumer.commit(list(self.uncommitted.values()))
-            self.uncommitted = {}
+        with tracing.span("processor.checkpoint", {"processor.checkpoint_bytes": len(state)}):
+            await self.checkpoints.save(Checkpoint(dict(self.positions),
+                                                   self.feedback_position, state))
+            self.checkpoints_saved += 1
+            self.last_checkpoint = time.monotonic()
+            if self.uncommitted:
+                await self.consumer.commit(list(self.uncommitted.values()))
+                self.uncommitted = {}
 
     # --- operator commands (optimizerctl call processor ...) ------------------------------
 

@@ -18,6 +18,7 @@ import zmq.asyncio
 
 from ipc import messages as m
 from ipc.endpoints import CONTROL_SOCKET, endpoint
+from workers import tracing
 from workers.rest_api.problems import Problem
 
 log = logging.getLogger("workers.rest_api")
@@ -73,8 +74,11 @@ class ControlLink:
     async def call(self, service: str, command: str, args: dict[str, Any] | None = None,
                    timeout: float | None = None) -> Any:
         """An admin command of ``service``'s worker (``optimizerctl call``)."""
-        return await self.request("call", {"service": service, "command": command,
-                                           "args": args or {}}, timeout)
+        body = {"service": service, "command": command, "args": args or {}}
+        trace = tracing.traceparent()
+        if trace is not None:
+            body["trace"] = trace
+        return await self.request("call", body, timeout)
 
     async def _receive(self) -> None:
         while True:

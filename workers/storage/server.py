@@ -20,10 +20,14 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from ipc import storage as s
 from ipc.messages import MAX_MESSAGE_BYTES, ProtocolError
+from workers import tracing
 from workers.storage.backend import Backend, StorageFailure, Unavailable, validate
 
 log = logging.getLogger("workers.storage.server")
 MAX_GROUP = 2000  # requests taken from the socket before they are worked off
+# Refusals that are the storage worker's fault, not the caller's: its spans are marked failed.
+SERVER_FAULTS = frozenset({s.StorageErrorCode.UNAVAILABLE, s.StorageErrorCode.TIMEOUT,
+                           s.StorageErrorCode.INTERNAL})
 
 OP_SECONDS = Histogram("optimizer_storage_op_seconds", "Storage operation latency in the worker.",
                        ["op"], buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05,
@@ -65,6 +69,8 @@ class StorageServer:
         self.heads: dict[str, int] = {}  # log -> next offset
         # Long polls: log -> reads that found nothing and wait for an append.
         self.parked: dict[str, list[tuple[list[bytes], s.StorageRequest, asyncio.TimerHandle]]] = {}
+        # Spans of traced requests, by (client identity, request id), ended by their reply.
+        self.spans: dict[tuple[bytes, int], Any] = {}
 
     def close(self) -> None:
         self.sock.close(linger=1000)
@@ -104,6 +110,8 @@ class StorageServer:
             self.reply(frames, s.StorageReply(id=0, ok=False, error=s.StorageError(
                 s.StorageErrorCode.BAD_REQUEST, str(exc))))
             return None
+        if request.trace is not None:
+            self.trace(frames, request)
         try:
             validate(request.op)
             if not self.available:
@@ -112,6 +120,18 @@ class StorageServer:
             self.fail(frames, request, exc)
             return None
         return request
+
+    def trace(self, frames: list[bytes], request: s.StorageRequest) -> None:
+        """Start the span of a request sent from a sampled span; ``reply`` ends it."""
+        op = request.op
+        attributes = {"storage.op": op_name(op)}
+        for key in ("ns", "log"):
+            value = getattr(op, key, None)
+            if value is not None:
+                attributes[f"storage.{key}"] = value
+        span = tracing.remote_span(request.trace, f"storage.{op_name(op)}", attributes)
+        if span is not None:
+            self.spans[(frames[0], request.id)] = span
 
     async def commit(self, writes: list[tuple[list[bytes], s.StorageRequest]]) -> None:
         started = time.perf_counter()
@@ -129,6 +149,11 @@ class StorageServer:
             return
         elapsed = time.perf_counter() - started
         GROUP_SIZE.observe(len(writes))
+        if self.spans:
+            for frames, request in writes:
+                span = self.spans.get((frames[0], request.id))
+                if span is not None:
+                    span.set_attribute("storage.write_group", len(writes))
         appended = set()
         for (frames, request), result in zip(writes, results, strict=True):
             OP_SECONDS.labels(op_name(request.op)).observe(elapsed)
@@ -198,9 +223,21 @@ class StorageServer:
 
     def reply(self, frames: list[bytes], reply: s.StorageReply) -> None:
         self.served += 1
+        if self.spans:
+            self.end_span(frames[0], reply)
         sent = self.sock.send_multipart([frames[0], s.encode(reply)], flags=zmq.NOBLOCK)
         if sent.done() and sent.exception() is not None:  # a client that went away
             log.warning("storage.sock: reply to a client failed: %s", sent.exception())
+
+    def end_span(self, client: bytes, reply: s.StorageReply) -> None:
+        span = self.spans.pop((client, reply.id), None)
+        if span is None:
+            return
+        if reply.error is not None:
+            span.set_attribute("storage.error", reply.error.code.name)
+            if reply.error.code in SERVER_FAULTS:
+                tracing.fail(span, reply.error.message)
+        span.end()
 
     def status(self) -> dict[str, Any]:
         return {"served": self.served, "available": self.available}

@@ -1,5 +1,5 @@
-"""HTTP concerns around every operation: metrics, the in-flight bound and request timeout,
-CORS, response compression, and storage failures as 503 problems.
+"""HTTP concerns around every operation: tracing, metrics, the in-flight bound and request
+timeout, CORS, response compression, and storage failures as 503 problems.
 
 Streams (SSE) are exempt from the timeout and the in-flight bound: they are long by design and
 bounded by their own per-client queue.
@@ -19,7 +19,8 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import Counter, Gauge, Histogram
 
 from ipc import storage as s
-from workers.rest_api.problems import Problem
+from workers import tracing
+from workers.rest_api.problems import Problem, request_id
 
 REQUESTS = Counter("rest_api_requests", "REST requests answered, by route, method and status.",
                    ["route", "method", "status"])
@@ -84,6 +85,30 @@ def make_limits(max_in_flight: int, timeout_s: float) -> Middleware:
         return response
 
     return limits
+
+
+@web.middleware
+async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost, installed only when tracing is on: a server span per request, continuing the
+    client's trace when it sends a ``traceparent`` header."""
+    route = route_label(request)
+    name = request.method if route == "unmatched" else f"{request.method} {route}"
+    with tracing.server_span(name, request.headers, {
+            "http.request.method": request.method, "http.route": route,
+            "url.path": request.path, "optimizer.request_id": request_id(request)}) as span:
+        status = None  # another exception is recorded on the span as it passes
+        try:
+            response = await handler(request)
+            status = response.status
+        except web.HTTPException as exc:  # redirects, and errors met outside problem_middleware
+            status = exc.status
+            raise
+        finally:
+            if status is not None:
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    tracing.fail(span, f"HTTP {status}")
+    return response
 
 
 @web.middleware

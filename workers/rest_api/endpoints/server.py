@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ipc import storage as s
 from ipc.config import Config, RestApiSection
+from workers import tracing
 from workers.processor.configs import ConfigManager, StorageDocStore
 from workers.resilience.ratelimit import SlidingWindowLimiter, TokenBucket
 from workers.rest_api import sse
@@ -26,7 +27,7 @@ from workers.rest_api.auth import Authenticator, JwtVerifier
 from workers.rest_api.endpoints import Deps, build_table
 from workers.rest_api.endpoints.common import EVENTS_LOG
 from workers.rest_api.endpoints.plumbing import (compression, make_cors, make_limits,
-                                                 storage_problems)
+                                                 storage_problems, traced)
 from workers.rest_api.openapi import add_docs_routes
 from workers.rest_api.problems import problem_middleware, request_id_middleware
 from workers.rest_api.processor_link import ControlLink
@@ -98,7 +99,8 @@ def build(config: Config, section: RestApiSection, runtime_dir: str) -> Server:
     limiter = make_limiter(section)
     authenticator = make_authenticator(deps)
     app = web.Application(client_max_size=section.max_body_kb * 1024, middlewares=[
-        request_id_middleware, make_cors(section.cors_origins), compression,
+        *([traced] if tracing.enabled() else []), request_id_middleware,
+        make_cors(section.cors_origins), compression,
         make_limits(section.max_in_flight, section.request_timeout_s),
         make_audit(storage, authenticator), problem_middleware, storage_problems])
 
