@@ -19,7 +19,7 @@ from ipc import window_series as ws
 from ipc.config import ProcessorSection
 from ipc.events import parse_json_event
 from ipc.prices import shipped_prices
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from workers.processor.core import ProcessorCore
 from workers.storage_client import SyncStorageClient
 
@@ -276,3 +276,20 @@ def test_only_open_proposals_are_deployed_or_dismissed(daemon):
     assert daemon.ctl("call", "processor", "abort", "--arg", "service=faq").returncode == 0
     r = daemon.ctl("call", "processor", "dismiss", "--arg", ident)
     assert r.returncode == 2 and "is rolled_back, not open" in r.stderr
+
+
+def test_the_processor_waits_for_an_unreachable_store_instead_of_failing(make_daemon):
+    """PostgreSQL away at start: the processor comes up degraded, retrying its checkpoint
+    load, rather than crash-looping into `failed`; its commands answer that it is not running
+    yet."""
+    d = make_daemon(builtins=["storage", "collector", "processor"], extra={"storage": {
+        "backend": "postgres",
+        "postgres_dsn": f"postgresql://optimizer@127.0.0.1:{free_port()}/optimizer"}}).start()
+    entry = d.wait_service("processor", lambda x: x["state"] == "ready"
+                           and "waiting for storage" in (x["reason"] or ""), 30)
+    assert entry["health"] == "degraded"
+    wait_until(lambda: d.output().count("processor waiting for storage") >= 3, 30,
+               message="three retries logged")
+    assert d.services()["processor"]["restarts"] == 0
+    r = d.ctl("call", "processor", "proposals")
+    assert r.returncode == 2 and "not running yet" in r.stderr

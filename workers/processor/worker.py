@@ -51,14 +51,20 @@ FEEDBACK_LOG = "llm-feedback"
 BATCH = 2_000
 POLL_TIMEOUT = 0.5
 RETRY_DELAY = 1.0
+COMMANDS = frozenset({"proposals", "deploy", "dismiss", "configure", "experiment", "abort",
+                      "rollouts", "config", "flags", "set-flag"})
+NOT_RUNNING = "the processor is not running yet"
 
 
 class ProcessorWorker(Worker):
     task: asyncio.Task[None] | None = None
-    core: ProcessorCore | None = None  # None until start() has loaded the checkpoint
+    core: ProcessorCore | None = None  # None until prepare() has loaded the checkpoint
     problem = ""
 
     async def start(self) -> None:
+        """Ready at once; the checkpoint is loaded by the run task, which waits for storage as
+        long as it takes (degraded meanwhile) instead of failing the start while the store is
+        away."""
         section = self.context.section
         assert isinstance(section, ProcessorSection)
         self.section = section
@@ -67,33 +73,10 @@ class ProcessorWorker(Worker):
         self.checkpoints = CheckpointStore(self.storage)
         self.prices = price_table_from_config(self.context.config.collector)
         self.configs = ConfigManager(StorageDocStore(self.storage, "configs"))
-        rollouts = StorageDocStore(self.storage, "rollouts")
-        self.transitions: list[dict[str, Any]] = []  # emitted, not yet published
-        checkpoint = await self.checkpoints.load()
-        self.consumer = open_consumer(self.context.config, self.context.runtime_dir, GROUP)
-        if checkpoint is None:
-            self.core = ProcessorCore(section, self.prices)
-            self.deployer = CanaryDeployer(self.configs, rollouts, self.transitions.append,
-                                           canary_settings(section))
-            self.positions: dict[int, int] = {}
-            self.feedback_position = 0
-        else:
-            core_state, deployer_state = msgspec.msgpack.decode(checkpoint.state,
-                                                                type=tuple[bytes, bytes])
-            self.core = ProcessorCore.from_state_bytes(section, self.prices, core_state)
-            self.deployer = CanaryDeployer.from_state_bytes(
-                deployer_state, self.configs, rollouts, self.transitions.append)
-            self.positions = dict(checkpoint.positions)
-            self.feedback_position = checkpoint.feedback_position
-            self.consumer.resume_from(self.positions)
-            log.info("resumed from checkpoint: positions %s, watermark %d", self.positions,
-                     self.core.watermark_ns)
-        self.metrics = ProcessorMetrics(self.core.counters)
         self.flags = FeatureFlags(self.storage)
-        await self.flags.load()
-        self.apply_flags()
+        self.transitions: list[dict[str, Any]] = []  # emitted, not yet published
+        self.consumer: Any = None
         self.uncommitted: dict[int, ConsumedRecord] = {}
-        self.last_checkpoint = time.monotonic()
         self.checkpoints_saved = 0
         self.undecodable = 0
         self.experiments = 0
@@ -101,11 +84,55 @@ class ProcessorWorker(Worker):
         self.stopping = asyncio.Event()
         self.task = asyncio.create_task(self.run(), name="processor")
 
+    async def prepare(self) -> None:
+        """The state from the last checkpoint (or a fresh one), the consumer at its
+        positions, the feature flags."""
+        section = self.section
+        rollouts = StorageDocStore(self.storage, "rollouts")
+        checkpoint = await self.checkpoints.load()
+        await self.flags.load()
+        self.consumer = open_consumer(self.context.config, self.context.runtime_dir, GROUP)
+        if checkpoint is None:
+            core = ProcessorCore(section, self.prices)
+            self.deployer = CanaryDeployer(self.configs, rollouts, self.transitions.append,
+                                           canary_settings(section))
+            self.positions: dict[int, int] = {}
+            self.feedback_position = 0
+        else:
+            core_state, deployer_state = msgspec.msgpack.decode(checkpoint.state,
+                                                                type=tuple[bytes, bytes])
+            core = ProcessorCore.from_state_bytes(section, self.prices, core_state)
+            self.deployer = CanaryDeployer.from_state_bytes(
+                deployer_state, self.configs, rollouts, self.transitions.append)
+            self.positions = dict(checkpoint.positions)
+            self.feedback_position = checkpoint.feedback_position
+            self.consumer.resume_from(self.positions)
+            log.info("resumed from checkpoint: positions %s, watermark %d", self.positions,
+                     core.watermark_ns)
+        self.metrics = ProcessorMetrics(core.counters)
+        self.last_checkpoint = time.monotonic()
+        self.core = core  # from here on the processor is running: status, admin, steps
+        self.apply_flags()
+
+    async def wait_for_storage(self) -> bool:
+        """``prepare`` until it succeeds; False if the worker is stopped first."""
+        while not self.stopping.is_set():
+            try:
+                await self.prepare()
+                self.problem = ""
+                return True
+            except (EventLogError, s.StorageFailure) as exc:
+                self.problem = f"waiting for storage: {exc}"
+                log.warning("processor %s; again in %g s", self.problem, RETRY_DELAY)
+                await self._sleep(RETRY_DELAY)
+        return False
+
     async def stop(self) -> None:
         self.stopping.set()
         if self.task is not None:
             await self.task
-        await self.consumer.close()
+        if self.consumer is not None:
+            await self.consumer.close()
         await self.storage.close()
 
     def health(self) -> tuple[str, str]:
@@ -124,6 +151,8 @@ class ProcessorWorker(Worker):
     # --- the loop -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        if not await self.wait_for_storage():
+            return
         while not self.stopping.is_set():
             try:
                 await self.step()
@@ -339,6 +368,10 @@ class ProcessorWorker(Worker):
     # --- operator commands (optimizerctl call processor ...) ------------------------------
 
     async def admin(self, command: str, args: dict[str, Any]) -> Any:
+        if self.core is None:
+            if command in COMMANDS:
+                raise ValueError(f"{NOT_RUNNING}: {self.problem or 'loading its checkpoint'}")
+            return await super().admin(command, args)
         now = max(self.core.watermark_ns, 0)  # event time: none before the first event
         if command == "proposals":
             return [e.to_dict() for e in self.core.proposals.entries.values()]

@@ -67,6 +67,9 @@ def command_problem(exc: CommandFailed) -> Problem:
     """A refused processor command: unknown things are 404, the rest conflicts with state."""
     if exc.message.startswith(("no proposal", "no config", "no flag", "no job")):
         return not_found(exc.message)
+    if exc.message.startswith("the processor is not running yet"):
+        return Problem(503, "Service Unavailable", exc.message, retry_after=1,
+                       type_suffix="upstream-unavailable")
     return conflict(exc.message)
 
 
