@@ -34,22 +34,8 @@ pip's own environment applies, e.g. PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR for an off
 EOF
 }
 
-die() {
-  echo "install-systemd.sh: error: $*" >&2
-  exit 1
-}
-
-say() {
-  echo "  $*"
-}
-
-NAME=llm-optimizer
-VENV=/opt/llm-optimizer
-BINDIR=/usr/local/bin
-CONFDIR=/etc/llm-optimizer
-STATEDIR=/var/lib/llm-optimizer
-UNITDIR=/etc/systemd/system
-UNIT=optimizerd.service
+# shellcheck source=scripts/systemd-paths.sh
+source "$(dirname "$0")/systemd-paths.sh"
 
 wheel=""
 python=""

@@ -19,22 +19,8 @@ options:
 EOF
 }
 
-die() {
-  echo "uninstall-systemd.sh: error: $*" >&2
-  exit 1
-}
-
-say() {
-  echo "  $*"
-}
-
-NAME=llm-optimizer
-VENV=/opt/llm-optimizer
-BINDIR=/usr/local/bin
-CONFDIR=/etc/llm-optimizer
-STATEDIR=/var/lib/llm-optimizer
-UNITDIR=/etc/systemd/system
-UNIT=optimizerd.service
+# shellcheck source=scripts/systemd-paths.sh
+source "$(dirname "$0")/systemd-paths.sh"
 
 purge=0
 while (($#)); do

@@ -187,6 +187,11 @@ def refuse_with(status: int, **headers: str) -> Scripted:
     return answer
 
 
+def timeout_for(fake: Fake, answer: Scripted) -> float:
+    """0.2 s for the answer that never comes; else long enough for a loaded machine."""
+    return 0.2 if answer == fake.hold else 10.0
+
+
 def fail_cases(fake: Fake) -> list[tuple[Scripted, float | None, str]]:
     """Answers that must end as TransientError: the retry_after and message each must carry."""
     return [(refuse_with(429, **{"Retry-After": "7"}), 7.0, ": 429 "),
@@ -200,8 +205,8 @@ def test_jira_transient_and_permanent_failures(flavour: str) -> None:
 
     async def scenario(fake: FakeJira, session: aiohttp.ClientSession, port: int) -> None:
         client = client_of(port)
-        client.timeout_s = 0.2
         for answer, retry_after, said in fail_cases(fake):
+            client.timeout_s = timeout_for(fake, answer)
             fake.scripted.append(answer)
             with pytest.raises(TransientError) as caught:
                 await client.deliver(session, note())
@@ -259,7 +264,6 @@ def test_github_opens_once_and_follows_up() -> None:
 def test_github_rate_limits_and_failures() -> None:
     async def scenario(fake: FakeGithub, session: aiohttp.ClientSession, port: int) -> None:
         client = github(port)
-        client.timeout_s = 0.2
         reset = int(time.time()) + 120
         fake.scripted.append(refuse_with(403, **{"X-RateLimit-Remaining": "0",
                                                  "X-RateLimit-Reset": str(reset)}))
@@ -276,12 +280,14 @@ def test_github_rate_limits_and_failures() -> None:
             await client.deliver(session, note())
         assert second.value.retry_after == 60.0
         for answer, retry_after, said in fail_cases(fake):
+            client.timeout_s = timeout_for(fake, answer)
             fake.scripted.append(answer)
             with pytest.raises(TransientError) as caught:
                 await client.deliver(session, note())
             assert caught.value.retry_after == retry_after and said in str(caught.value)
             assert TOKEN not in str(caught.value)
         fake.release.set()
+        client.timeout_s = 10.0
         fake.scripted.append(refuse_with(403))
         with pytest.raises(PermanentError):
             await client.deliver(session, note())

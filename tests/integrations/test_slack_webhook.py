@@ -27,7 +27,8 @@ from workers.resilience.retry import TransientError
 
 SLACK_PATH = "/services/T0001/B0002/s3cretPathToken"
 WEBHOOK_SECRET = "whsec-Zq8v2kLr0pN4"
-TIMEOUT_S = 0.2
+TIMEOUT_S = 10.0  # a loaded machine must not turn an answer into a timeout
+HANG_TIMEOUT_S = 0.2  # for the server that never answers
 PAYLOAD_KEYS = {"id", "kind", "severity", "title", "text", "service", "subject_id", "time_ns",
                 "fields", "body"}
 
@@ -75,6 +76,10 @@ def failing_app(path: str, mode: str, release: asyncio.Event) -> web.Application
     app = web.Application()
     app.router.add_post(path, answer)
     return app
+
+
+def timeout_of(mode: str) -> float:
+    return HANG_TIMEOUT_S if mode == "hang" else TIMEOUT_S
 
 
 def expect_error(mode: str, exc: BaseException) -> None:
@@ -139,8 +144,8 @@ def slack_app(seen: list[Any]) -> web.Application:
     return app
 
 
-def slack_client(url: str) -> SlackClient:
-    return SlackClient(SlackSection(enabled=True, webhook_url=url), TIMEOUT_S)
+def slack_client(url: str, timeout_s: float = TIMEOUT_S) -> SlackClient:
+    return SlackClient(SlackSection(enabled=True, webhook_url=url), timeout_s)
 
 
 def test_slack_posts_an_escaped_block_kit_message() -> None:
@@ -184,7 +189,7 @@ def test_slack_cuts_long_messages_to_block_kit_limits() -> None:
 def test_slack_failures_are_classified_without_the_url_path(mode: str) -> None:
     async def scenario(session: aiohttp.ClientSession, url: str) -> None:
         with pytest.raises((TransientError, PermanentError)) as caught:
-            await slack_client(url).deliver(session, NOTE)
+            await slack_client(url, timeout_of(mode)).deliver(session, NOTE)
         release.set()
         expect_error(mode, caught.value)
         assert "s3cretPathToken" not in str(caught.value) and SLACK_PATH not in str(caught.value)
@@ -246,8 +251,9 @@ def receiver_app(secret: str, keys: list[str], bodies: list[bytes]) -> web.Appli
     return app
 
 
-def webhook_client(url: str, secret: str = WEBHOOK_SECRET) -> WebhookClient:
-    return WebhookClient("ops", WebhookSection(enabled=True, url=url, secret=secret), TIMEOUT_S)
+def webhook_client(url: str, secret: str = WEBHOOK_SECRET,
+                   timeout_s: float = TIMEOUT_S) -> WebhookClient:
+    return WebhookClient("ops", WebhookSection(enabled=True, url=url, secret=secret), timeout_s)
 
 
 def test_webhook_is_signed_and_deduplicated_by_the_receiver() -> None:
@@ -283,7 +289,7 @@ def test_webhook_with_the_wrong_secret_is_refused_without_showing_it() -> None:
 def test_webhook_failures_are_classified_without_the_secret(mode: str) -> None:
     async def scenario(session: aiohttp.ClientSession, url: str) -> None:
         with pytest.raises((TransientError, PermanentError)) as caught:
-            await webhook_client(url).deliver(session, NOTE)
+            await webhook_client(url, timeout_s=timeout_of(mode)).deliver(session, NOTE)
         release.set()
         expect_error(mode, caught.value)
         assert WEBHOOK_SECRET not in str(caught.value)

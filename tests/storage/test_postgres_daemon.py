@@ -79,7 +79,8 @@ def test_daemon_serves_storage_from_postgres(make_daemon: Callable[..., Any],
     doc = json.loads(stats.stdout)
     assert doc["backend"] == "postgres" and doc["logs"]["events"]["next_offset"] == 200
     backup = d.ctl("backup", str(d.dir / "backup"))
-    assert backup.returncode != 0 and "pg_dump" in backup.stderr
+    assert backup.returncode == 0 and "pg_dump of" in backup.stdout, backup.stderr
+    assert (d.dir / "backup" / "postgres.dump").stat().st_size > 0
     # The rows are really in PostgreSQL.
     rows = pg_cluster.admin("SELECT count(*) FROM log_records WHERE log = 'events'",
                             dsn.rsplit("/", 1)[1])

@@ -163,6 +163,7 @@ class JobRunner:
         self.wakeup = asyncio.Event()
         self.lock = asyncio.Lock()      # one job-start at a time: the queue limit holds
         self.running: Job | None = None
+        self.unsaved: set[str] = set()  # finished in memory, not yet stored
         self.work: asyncio.Task | None = None  # the running job's task
         self.runner: asyncio.Task | None = None
         self.stopping = False
@@ -215,6 +216,7 @@ class JobRunner:
         memory stays right, and the next state change writes it again)."""
         try:
             await self.save(job)
+            self.unsaved.discard(job.id)
         except JobsUnavailable as exc:
             log.warning("job %s (%s) is %s but its record is not stored: %s", job.id, job.kind,
                         job.state, exc)
@@ -271,6 +273,9 @@ class JobRunner:
         for job in cut_short:
             self.finish(job, "interrupted",
                         f"the storage worker stopped while this job was {job.state}")
+        # with the jobs that finished while the stop cancelled their last record
+        cut_short += [self.records[i] for i in self.unsaved
+                      if i in self.records and self.records[i] not in cut_short]
         try:
             await self.save(*cut_short)
         except JobsUnavailable as exc:
@@ -398,6 +403,7 @@ class JobRunner:
     def finish(self, job: Job, state: State, message: str,
                error: BaseException | None = None) -> None:
         job.state, job.message, job.finished_ms = state, message[:MAX_MESSAGE], now_ms()
+        self.unsaved.add(job.id)  # until keep() has stored it: stop() saves what is left
         took = (job.finished_ms - job.started_ms) / 1000 if job.started_ms else 0.0
         if error is not None:
             expected = isinstance(error, (StorageFailure, Unsupported, OSError))
