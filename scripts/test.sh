@@ -11,6 +11,9 @@ command -v redis-server >/dev/null || apt_packages+=(redis-server)
 # the systemd unit boots for real in a container (as root); the shell scripts are linted
 command -v systemd-nspawn >/dev/null || apt_packages+=(systemd-container)
 command -v shellcheck >/dev/null || apt_packages+=(shellcheck)
+# optimizerctl top's live mode is driven in tmux; the web console in headless Chromium
+command -v tmux >/dev/null || apt_packages+=(tmux)
+command -v chromium >/dev/null || apt_packages+=(chromium)
 # The PostgreSQL storage tests run throwaway servers with initdb/pg_ctl.
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_packages+=(postgresql)
 pip_extras="[test]"

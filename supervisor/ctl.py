@@ -284,6 +284,65 @@ def restore(ctx: click.Context, path: str, wait: float) -> None:
     click.echo(f"restored {result['keys']} keys from {result['restored_from']}")
 
 
+def admin_listen(ctx: click.Context, supervisor: dict[str, Any]) -> str:
+    """The daemon's ``[admin] listen``: its config file (status ``config_file``, relative to the
+    daemon's working directory) read with this environment; else -c; else the defaults."""
+    from ipc.config_loader import ConfigError, load_config
+
+    path = supervisor.get("config_file") or ctx.find_root().params.get("config_path")
+    if path and not os.path.isabs(path):
+        try:
+            path = os.path.join(os.readlink(f"/proc/{supervisor['pid']}/cwd"), path)
+        except (OSError, KeyError, TypeError):
+            pass
+    try:
+        return load_config(path).admin.listen
+    except (ConfigError, OSError) as exc:
+        fail(2, f"cannot find the admin address in {path or 'the built-in defaults'}: {exc}; "
+                "pass --admin HOST:PORT")
+        raise  # unreachable: fail() exits
+
+
+@main.command()
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts).")
+@click.option("--interval", type=click.FloatRange(min=0.0), default=1.0, show_default=True,
+              help="Seconds between refreshes; with --once, between the two scrapes the "
+                   "rates are computed over (0: no rates).")
+@click.option("--json", "as_json", is_flag=True, help="With --once: the frame as one JSON "
+              "object.")
+@click.option("--admin", "admin", metavar="HOST:PORT",
+              help="The admin endpoint to read rates from (default: [admin] listen of the "
+                   "daemon's config file).")
+@click.pass_context
+def top(ctx: click.Context, once: bool, interval: float, as_json: bool,
+        admin: str | None) -> None:
+    """Live view: state, pid, uptime, restarts, heartbeat age, CPU and RSS per process, ingest
+    and spend rates. Refreshes every --interval seconds until `q` or Ctrl-C."""
+    from supervisor import top as view
+
+    if as_json and not once:
+        fail(2, "--json needs --once")
+    if not once and not sys.stdout.isatty():
+        fail(2, "stdout is not a terminal: use `optimizerctl top --once` (or --once --json) "
+                "in scripts")
+    if not once and interval < 0.1:
+        fail(2, "--interval must be at least 0.1 s in live mode")
+    doc = request(ctx, "status")  # exits 1 with a hint when the daemon is not reachable
+    client: Client = ctx.obj
+
+    def status() -> dict[str, Any]:
+        reply = client.call("status", timeout=min(client.timeout, 3.0))  # keep refreshing
+        if not reply.ok:
+            raise RuntimeError(reply.error.message if reply.error else "status failed")
+        return reply.result
+
+    source = view.Source(status, view.admin_url(admin or admin_listen(ctx, doc["supervisor"])))
+    if once:
+        view.run_once(source, interval, as_json)
+    else:
+        sys.exit(view.run_live(source, interval))
+
+
 
 # --- API keys and tokens of the REST API -----------------------------------------------------
 # API keys are read and written in the storage worker directly (as the REST API does), so that
