@@ -520,7 +520,9 @@ def test_stopped_supervisor_is_killed_by_the_watchdog(booted) -> None:
     Result=watchdog and Restart=on-failure brings it back with every service."""
     stop = step(booted, "sigstop")
     assert stop["fired"], stop["seen"]
-    assert 5.0 <= stop["after_s"] <= 15.0, stop
+    # The last WATCHDOG=1 came up to half a period (3 s) before the SIGSTOP: systemd fires
+    # between 3 and 6 s after it (plus its own scheduling).
+    assert 2.5 <= stop["after_s"] <= 15.0, stop
     assert stop["seen"][-1]["state"][2] == "watchdog"
     restarted = step(booted, "restarted")
     show = restarted["show"]

@@ -10,6 +10,8 @@ a request id, authentication, the rate limit, logging, metrics and error mapping
   left in ``PRINCIPAL`` for the servicers; roles are checked per operation by the service layer.
 * **Rate limit**: the REST API's budget per API key or token subject (429 there,
   RESOURCE_EXHAUSTED with ``RetryInfo`` here).
+* **Logging**: each call with its duration and request id at DEBUG; failures at INFO
+  (the client's) or ERROR (ours, with the traceback).
 * **Errors**: ``Problem`` becomes its status (``errors.problem_status``); anything unexpected is
   logged with its traceback and answered INTERNAL with the request id only.
 * **Metrics**: RPCs by method and code, latency by method, active streams.
@@ -167,7 +169,9 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):
             else:
                 _outcome(span, method, "OK")
             finally:
-                LATENCY.labels(method).observe(time.perf_counter() - started)
+                took = time.perf_counter() - started
+                LATENCY.labels(method).observe(took)
+                log.debug("%s %.1f ms (request %s)", method, took * 1000, REQUEST_ID.get())
 
     def _unary(self, behaviour: Callable[..., Awaitable[Any]], method: str,
                metadata: CIMultiDict[str], public: bool) -> Callable[..., Awaitable[Any]]:
