@@ -58,7 +58,9 @@ def test_wheel_and_sdist_pass_twine_and_hold_what_runs(dist: Path) -> None:
     names = set(zipfile.ZipFile(wheels[0]).namelist())
     for needed in ("supervisor/cli.py", "workers/storage/migrations/", "ipc/data/",
                    "protos/llm_optimizer/v1/optimization_pb2.py",
-                   "protos/llm_optimizer/v1/optimization.proto"):
+                   "protos/llm_optimizer/v1/optimization.proto",
+                   "workers/rest_api/console/app.js",
+                   "workers/rest_api/console/vendor/chart.min.js"):
         assert any(n.startswith(needed) for n in names), needed
     assert not any(n.startswith("tests/") for n in names)
     with tarfile.open(sdists[0]) as sdist:

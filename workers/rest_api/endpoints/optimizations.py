@@ -52,6 +52,8 @@ class Optimization(Struct, kw_only=True):
 
 class RolloutView(Struct, kw_only=True):
     id: str
+    service: str
+    proposal_id: str  # the rollout's: a proposal's document id, or experiment.N.<seconds>
     phase: str
     stage: int
     started_ns: int

@@ -20,7 +20,7 @@ from ipc.config import Config, RestApiSection
 from workers import tracing
 from workers.processor.configs import ConfigManager, StorageDocStore
 from workers.resilience.ratelimit import SlidingWindowLimiter, TokenBucket
-from workers.rest_api import sse
+from workers.rest_api import console, sse
 from workers.rest_api.api_keys import ApiKeyStore
 from workers.rest_api.audit import make_audit
 from workers.rest_api.auth import Authenticator, JwtVerifier
@@ -119,6 +119,7 @@ def build(config: Config, section: RestApiSection, runtime_dir: str) -> Server:
     table = build_table(deps)
     sse.install(table, deps)
     table.install(app, authenticator, limiter, ResponseCache(section.cache_ttl_s))
+    console.install(app)  # the web console at /ui: its static files, public
     add_docs_routes(app, table, title="LLM Auto Optimizer API", version=API_VERSION,
                     description=DESCRIPTION)
     return Server(app=app, deps=deps, limiter=limiter, jwt=authenticator.jwt is not None)
