@@ -17,6 +17,7 @@ import zmq
 
 from ipc import messages as m
 from ipc.endpoints import CONTROL_SOCKET, endpoint, socket_path
+from supervisor.formatting import age, rss
 
 CONFIG_ENV = "LLM_OPTIMIZER_CONFIG"
 USAGE_CODES = {m.ErrorCode.BAD_REQUEST, m.ErrorCode.UNKNOWN_COMMAND, m.ErrorCode.NO_SUCH_SERVICE,
@@ -102,23 +103,9 @@ def main(ctx: click.Context, runtime_override: str | None, config_path: str | No
     ctx.obj = Client(os.path.abspath(runtime), timeout)
 
 
-def _age(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value < 120:
-        return f"{value:.1f}s"
-    if value < 7200:
-        return f"{value / 60:.0f}m"
-    return f"{value / 3600:.1f}h"
-
-
-def _rss(value: int | None) -> str:
-    return "-" if value is None else f"{value / (1 << 20):.0f}M"
-
-
 def render_table(doc: dict[str, Any]) -> str:
     sup = doc["supervisor"]
-    lines = [f"optimizerd pid {sup['pid']}  {sup['state']}  up {_age(sup['uptime_s'])}  "
+    lines = [f"optimizerd pid {sup['pid']}  {sup['state']}  up {age(sup['uptime_s'])}  "
              f"config {sup['config_hash']}"]
     header = ("SERVICE", "STATE", "PID", "UPTIME", "RESTARTS", "HB AGE", "HEALTH", "CPU%",
               "RSS", "REASON")
@@ -126,9 +113,9 @@ def render_table(doc: dict[str, Any]) -> str:
     for s in doc["services"]:
         name = s["name"] if s.get("instance", 0) == 0 else f"{s['name']}#{s['instance']}"
         cpu = "-" if s.get("cpu_percent") is None else f"{s['cpu_percent']:.1f}"
-        rows.append((name, s["state"], str(s["pid"] or "-"), _age(s["uptime_s"] or None),
-                     str(s["restarts"]), _age(s["heartbeat_age_s"]), s["health"], cpu,
-                     _rss(s.get("rss_bytes")), s["reason"] or ""))
+        rows.append((name, s["state"], str(s["pid"] or "-"), age(s["uptime_s"] or None),
+                     str(s["restarts"]), age(s["heartbeat_age_s"]), s["health"], cpu,
+                     rss(s.get("rss_bytes")), s["reason"] or ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     for row in rows:
         cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)]

@@ -32,6 +32,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from supervisor.formatting import age, rss
+
 EVENTS = "collector_events_accepted_total"
 COST = "processor_llm_cost_usd_total"
 REQUESTS = "rest_api_requests_total"
@@ -216,20 +218,6 @@ class Source:
 
 # --- rendering ---------------------------------------------------------------------------------
 
-def _age(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value < 120:
-        return f"{value:.1f}s"
-    if value < 7200:
-        return f"{value / 60:.0f}m"
-    return f"{value / 3600:.1f}h"
-
-
-def _rss(value: int | None) -> str:
-    return "-" if value is None else f"{value / (1 << 20):.0f}M"
-
-
 def usd(value: float) -> str:
     if value >= 100:
         return f"${value:,.0f}"
@@ -252,7 +240,7 @@ def render(frame: Frame, live: bool = False, interval: float = 1.0) -> Renderabl
         parts.append(Text.assemble(
             ("optimizerd", "bold"), f" pid {sup['pid']}  ",
             (str(sup["state"]), STATE_STYLE.get(sup["state"], "bold")),
-            f"  up {_age(sup['uptime_s'])}  config {sup['config_hash']}  ", ready,
+            f"  up {age(sup['uptime_s'])}  config {sup['config_hash']}  ", ready,
             "  ", (clock, "dim")))
         table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
         for title, justify in (("SERVICE", "left"), ("STATE", "left"), ("PID", "right"),
@@ -264,11 +252,11 @@ def render(frame: Frame, live: bool = False, interval: float = 1.0) -> Renderabl
             name = s["name"] if s.get("instance", 0) == 0 else f"{s['name']}#{s['instance']}"
             cpu = "-" if s.get("cpu_percent") is None else f"{s['cpu_percent']:.1f}"
             table.add_row(name, Text(s["state"], STATE_STYLE.get(s["state"], "")),
-                          str(s["pid"] or "-"), _age(s["uptime_s"] or None),
+                          str(s["pid"] or "-"), age(s["uptime_s"] or None),
                           Text(str(s["restarts"]), "yellow" if s["restarts"] else ""),
-                          _age(s["heartbeat_age_s"]),
+                          age(s["heartbeat_age_s"]),
                           Text(s["health"], HEALTH_STYLE.get(s["health"], "")), cpu,
-                          _rss(s.get("rss_bytes")), s.get("reason") or "")
+                          rss(s.get("rss_bytes")), s.get("reason") or "")
         parts.append(table)
     parts.append(render_rates(frame, live))
     if live:
