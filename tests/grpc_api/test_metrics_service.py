@@ -323,11 +323,16 @@ def test_subscribe_metrics_and_cost_send_new_windows(grpc_daemon):
                                           metadata=viewer)
             first_update = asyncio.ensure_future(updates.read())
             first_cost = asyncio.ensure_future(costs.read())
-            await asyncio.sleep(1.0)  # both streams have taken their snapshot
-            later = [dict(e, event_id=f"{service}-later-{i}")
-                     for i, e in enumerate(calls(service, start + 120, 90))]
-            await asyncio.to_thread(post_events, grpc_daemon, later)
-            got = await asyncio.gather(first_update, first_cost)
+            # Windows closed before a stream took its snapshot are not sent: feed three more
+            # minutes of event time at a time until both streams have sent a new one.
+            pending, batch = {first_update, first_cost}, 0
+            while pending:
+                later = [dict(e, event_id=f"{service}-later-{batch}-{i}") for i, e in
+                         enumerate(calls(service, start + 120 + 180 * batch, 90))]
+                await asyncio.to_thread(post_events, grpc_daemon, later)
+                batch += 1
+                _, pending = await asyncio.wait(pending, timeout=3.0)
+            got = [first_update.result(), first_cost.result()]
             updates.cancel()
             costs.cancel()
             return got
