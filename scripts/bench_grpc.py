@@ -39,57 +39,25 @@ import json
 import multiprocessing as mp
 import os
 import resource
-import shutil
-import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-import tomli_w
+from bench_daemon import create_key, free_port, http, percentile, running
 
 from ipc import storage as s
 from workers.processor.outputs import EVENTS_LOG, PROPOSALS_NS, doc_id
 from workers.storage_client import SyncStorageClient
 
 SERVICE = "bench-svc"
-OPTIMIZERD = os.path.join(os.path.dirname(sys.executable), "optimizerd")
-OPTIMIZERCTL = os.path.join(os.path.dirname(sys.executable), "optimizerctl")
-if not os.path.exists(OPTIMIZERD):
-    OPTIMIZERD, OPTIMIZERCTL = "optimizerd", "optimizerctl"
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1),  # one connection per channel
                    ("grpc.max_receive_message_length", 16 * 1024 * 1024)]
 ROLES = ("grpc_api", "rest_api", "storage", "processor", "collector")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http(method: str, url: str, key: str | None = None, body: object = None
-         ) -> tuple[int, bytes]:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    data = None
-    if body is not None:
-        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status, answer.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
 
 
 class Daemon:
@@ -168,52 +136,26 @@ def fmt_cpu(server: dict[str, float], clients: float) -> str:
 def daemon(processes: int) -> Iterator[Daemon]:
     """optimizerd with storage, collector, processor, the REST API (one process) and
     ``processes`` gRPC API processes in a temp dir; killed at the end."""
-    workdir = Path(tempfile.mkdtemp(prefix="bench-grpc-", dir="/tmp"))
-    runtime = str(workdir / "run")
     listen, grpc_listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    doc: dict = {"supervisor": {"runtime_dir": runtime, "data_dir": str(workdir / "data")},
-                 "admin": {"listen": f"127.0.0.1:{free_port()}"}, "storage": {},
-                 "collector": {"listen": f"127.0.0.1:{free_port()}",  # the processor needs it
-                               "otlp_grpc_listen": f"127.0.0.1:{free_port()}"},
-                 "processor": {},
-                 # the gRPC API shares the REST API's rate limit: raised out of the way
-                 "rest_api": {"listen": listen, "processes": 1,
-                              "rate_limit_per_s": 10_000_000.0, "rate_limit_burst": 10_000_000,
-                              "max_in_flight": 4096},
-                 "grpc_api": {"listen": grpc_listen, "processes": processes,
-                              "reflection": "off"},
-                 "integrations": {"enabled": False}}
-    (workdir / "optimizer.toml").write_text(tomli_w.dumps(doc))
-    log = open(workdir / "daemon.log", "w")
-    proc = subprocess.Popen([OPTIMIZERD, "start", "-c", str(workdir / "optimizer.toml")],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
     base = f"http://{listen}"
-    try:
-        deadline = time.monotonic() + 60
-        while http("GET", base + "/ready")[0] != 200 or not _grpc_listening(grpc_listen):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("optimizerd did not come up:\n"
-                                 + (workdir / "daemon.log").read_text()[-3000:])
-            time.sleep(0.1)
+
+    def configure(doc: dict) -> Callable[[], bool]:
+        # the gRPC API shares the REST API's rate limit: raised out of the way
+        doc["rest_api"] = {"listen": listen, "processes": 1,
+                           "rate_limit_per_s": 10_000_000.0, "rate_limit_burst": 10_000_000,
+                           "max_in_flight": 4096}
+        doc["grpc_api"] = {"listen": grpc_listen, "processes": processes,
+                           "reflection": "off"}
+        return lambda: http("GET", base + "/ready")[0] == 200 and _grpc_listening(grpc_listen)
+
+    with running("bench-grpc-", configure) as (proc, runtime):
         d = Daemon(proc, base, grpc_listen, runtime)
+        deadline = time.monotonic() + 60
         while len(d.processes().get("grpc_api", [])) < processes:
             if time.monotonic() > deadline:
                 raise SystemExit(f"fewer than {processes} grpc_api processes came up")
             time.sleep(0.1)
         yield d
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-        except (OSError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            proc.wait()
-        log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _grpc_listening(listen: str) -> bool:
@@ -223,15 +165,6 @@ def _grpc_listening(listen: str) -> bool:
             return True
     except OSError:
         return False
-
-
-def create_key(runtime: str, role: str) -> str:
-    done = subprocess.run([OPTIMIZERCTL, "--runtime-dir", runtime, "api-key", "create",
-                           "--role", role, "--name", "bench"], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise SystemExit(f"api-key create failed: {done.stderr}")
-    return done.stdout.strip().splitlines()[-1]
 
 
 def _proposal(i: int, service: str) -> dict:
@@ -475,13 +408,6 @@ def run_clients(kind: str, arglists: list[tuple], seconds: float) -> tuple[list[
 def window(results: list[dict]) -> tuple[float, float]:
     """When all clients were measuring: from the latest start to the earliest end."""
     return max(r["t0"] for r in results), min(r["t1"] for r in results)
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))]
 
 
 def loadavg() -> str:

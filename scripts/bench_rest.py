@@ -26,97 +26,36 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import tomli_w
+from bench_daemon import create_key, free_port, http, percentile, running
 
 from ipc import storage as s
 from workers.processor.outputs import PROPOSALS_NS, doc_id
 from workers.storage_client import SyncStorageClient
 
 SERVICE = "bench-svc"
-OPTIMIZERD = os.path.join(os.path.dirname(sys.executable), "optimizerd")
-OPTIMIZERCTL = os.path.join(os.path.dirname(sys.executable), "optimizerctl")
-if not os.path.exists(OPTIMIZERD):
-    OPTIMIZERD, OPTIMIZERCTL = "optimizerd", "optimizerctl"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http(method: str, url: str, key: str | None = None, body: object = None
-         ) -> tuple[int, bytes]:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    data = None
-    if body is not None:
-        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status, answer.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
 
 
 @contextmanager
 def daemon(processes: int) -> Iterator[tuple[str, str]]:
     """optimizerd with storage, collector, processor and ``processes`` REST API processes in a
     temp dir; yields (base URL, runtime dir) and is killed at the end."""
-    workdir = Path(tempfile.mkdtemp(prefix="bench-rest-", dir="/tmp"))
-    runtime = str(workdir / "run")
     listen = f"127.0.0.1:{free_port()}"
-    doc: dict = {"supervisor": {"runtime_dir": runtime, "data_dir": str(workdir / "data")},
-                 "admin": {"listen": f"127.0.0.1:{free_port()}"}, "storage": {},
-                 "collector": {"listen": f"127.0.0.1:{free_port()}",  # the processor needs it
-                               "otlp_grpc_listen": f"127.0.0.1:{free_port()}"},
-                 "processor": {},
-                 "rest_api": {"listen": listen, "processes": processes,
-                              "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
-                              "max_in_flight": 4096}}
-    for name in ("grpc_api", "integrations"):
-        doc[name] = {"enabled": False}
-    (workdir / "optimizer.toml").write_text(tomli_w.dumps(doc))
-    log = open(workdir / "daemon.log", "w")
-    proc = subprocess.Popen([OPTIMIZERD, "start", "-c", str(workdir / "optimizer.toml")],
-                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
     base = f"http://{listen}"
-    try:
-        deadline = time.monotonic() + 60
-        while http("GET", base + "/ready")[0] != 200:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit("the REST API did not come up:\n"
-                                 + (workdir / "daemon.log").read_text()[-3000:])
-            time.sleep(0.1)
+
+    def configure(doc: dict) -> Callable[[], bool]:
+        doc["rest_api"] = {"listen": listen, "processes": processes,
+                           "rate_limit_per_s": 1_000_000.0, "rate_limit_burst": 1_000_000,
+                           "max_in_flight": 4096}
+        doc["grpc_api"] = {"enabled": False}
+        return lambda: http("GET", base + "/ready")[0] == 200
+
+    with running("bench-rest-", configure) as (_proc, runtime):
         yield base, runtime
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(20)
-        except (OSError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            proc.wait()
-        log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def seed_optimizations(runtime: str, count: int) -> None:
@@ -139,15 +78,6 @@ def _proposal(i: int) -> dict:
             "expected_impact": {"cost_reduction_pct": 82.0, "quality_delta_pct": -0.4},
             "rationale": "quality holds on the sampled traffic", "first_ns": i,
             "updated_ns": i}
-
-
-def create_key(runtime: str, role: str) -> str:
-    done = subprocess.run([OPTIMIZERCTL, "--runtime-dir", runtime, "api-key", "create",
-                           "--role", role, "--name", "bench"], capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise SystemExit(f"api-key create failed: {done.stderr}")
-    return done.stdout.strip().splitlines()[-1]
 
 
 # --- clients (each in its own process) ---------------------------------------------------------
@@ -262,13 +192,6 @@ def run_clients(clients: int, mode: str, base: str, key: str, kind: str, conns: 
         done, errors = done + value[0], errors + value[1]
         latencies += value[2]
     return done, errors, latencies, wall
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))]
 
 
 def bench(processes: int, seconds: float, clients: int, conns: int) -> list[dict]:
