@@ -24,8 +24,8 @@ import aiohttp
 from ipc.config import GithubSection
 from workers.integrations import http
 from workers.integrations.http import PermanentError, redact
-from workers.integrations.notification import (FOLLOW_UPS, Notification, note_label,
-                                                subject_label)
+from workers.integrations.notification import (FOLLOW_UPS, Notification, issue_labels,
+                                                note_label, subject_label)
 from workers.integrations.secrets import SecretError, read_secret, shown
 from workers.resilience.retry import TransientError
 
@@ -132,9 +132,7 @@ class GithubClient:
                                    note.fields)
                 await self.add_labels(session, subject["number"], [label])
                 return self._answer(subject, "commented")
-        labels = [*self.section.labels, label]
-        if note.subject_id:
-            labels.append(subject_label(note.subject_id))
+        labels = issue_labels(self.section.labels, note)
         created = await self._call(session, "POST", "issues", {
             "title": " ".join(note.title.split())[:MAX_TITLE] or note.kind,
             "body": markdown(note.text, note.fields), "labels": labels})

@@ -28,8 +28,8 @@ import aiohttp
 from ipc.config import JiraSection
 from workers.integrations import http
 from workers.integrations.http import PermanentError, redact
-from workers.integrations.notification import (FOLLOW_UPS, Notification, note_label,
-                                                subject_label)
+from workers.integrations.notification import (FOLLOW_UPS, Notification, issue_labels,
+                                                note_label, subject_label)
 from workers.integrations.secrets import SecretError, read_secret, shown
 from workers.resilience.retry import TransientError
 
@@ -198,9 +198,7 @@ class JiraClient:
             subject = await self.find_issue(session, subject_label(note.subject_id))
             if subject is not None:
                 return await self._follow_up(session, subject, note, label)
-        labels = [*self.section.labels, label]
-        if note.subject_id:
-            labels.append(subject_label(note.subject_id))
+        labels = issue_labels(self.section.labels, note)
         fields = {"project": {"key": self.section.project},
                   "issuetype": {"name": self.section.issue_type},
                   "summary": " ".join(note.title.split())[:MAX_SUMMARY] or note.kind,

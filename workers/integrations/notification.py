@@ -41,3 +41,12 @@ def note_label(key: str) -> str:
 def subject_label(subject_id: str) -> str:
     """The label shared by the issue of one optimization (or finding) and its follow-ups."""
     return f"llmo-subject-{_hash(subject_id)}"
+
+
+def issue_labels(configured: list[str], note: Notification) -> list[str]:
+    """An issue's labels: the configured ones, ``note``'s own, and its subject's (so that
+    follow-ups find it)."""
+    labels = [*configured, note_label(note.key)]
+    if note.subject_id:
+        labels.append(subject_label(note.subject_id))
+    return labels
