@@ -88,7 +88,8 @@ class ApiError extends Error {
 }
 
 async function api(path, {method = "GET", body} = {}) {
-  const headers = {Authorization: `Bearer ${session.key}`, Accept: "application/json"};
+  const key = session.key;
+  const headers = {Authorization: `Bearer ${key}`, Accept: "application/json"};
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const answer = await fetch(path, {method, headers, cache: "no-store",
     body: body === undefined ? undefined : JSON.stringify(body)});
@@ -96,7 +97,11 @@ async function api(path, {method = "GET", body} = {}) {
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = text; }
   if (!answer.ok) {
-    if (answer.status === 401 && path !== "/v1/whoami") signOut("Your key was refused (401).");
+    // Only the signed-in key's refusal ends the session: not a candidate key being tried
+    // by signIn, nor a late answer to a key already signed out.
+    if (answer.status === 401 && session.identity && key === session.key) {
+      signOut("Your key was refused (401).");
+    }
     throw new ApiError(answer.status, data);
   }
   return data;
@@ -158,6 +163,9 @@ function signOut(message) {
   session.key = null;
   session.identity = null;
   live.stop();
+  clearTimeout(refreshTimer);  // no view may render (or call the API) after this
+  for (const fn of current.cleanup) fn();
+  current = {name: null, cleanup: []};
   charts.clear();
   $("#view").replaceChildren();
   $("#view").hidden = true;
@@ -416,7 +424,7 @@ live.handlers.push((record) => {
 });
 
 async function route({keepFocus = false} = {}) {
-  if (!session.key) return;
+  if (!session.identity) return;  // signed out, or a key still being tried
   const parts = (location.hash.replace(/^#\/?/, "") || "overview").split("/")
     .map(decodeURIComponent);
   let name = parts[0];
