@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -51,6 +52,9 @@ class Worker:
     ``start`` runs before READY; raising from it makes the process exit with an error (and be
     restarted with backoff). ``stop`` must finish in-flight work; it is cancelled at the deadline.
     """
+
+    # The event loop the service runs on: None for asyncio's own.
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
 
     def __init__(self, context: WorkerContext):
         self.context = context
@@ -293,7 +297,8 @@ def run_worker(spec_bytes: bytes, stdout: Any, stderr: Any) -> None:
     try:
         tracing.setup(config, spec.service, spec.instance)
         worker = load_worker_class(spec.entrypoint)(WorkerContext(spec, config))
-        code = asyncio.run(WorkerRuntime(spec, config, worker).run())
+        with asyncio.Runner(loop_factory=worker.loop_factory) as runner:
+            code = runner.run(WorkerRuntime(spec, config, worker).run())
     except Exception:
         log.exception("worker %s crashed", spec.service)
     finally:

@@ -187,7 +187,8 @@ def test_jobs_run_list_cancel_and_stream(grpc_daemon, admin):
     # A maintenance job, followed on the system-event stream.
     events = admin.SubscribeSystemEvents(admin_pb2.SubscribeSystemEventsRequest(types=["job"]),
                                          metadata=auth, timeout=60)
-    events.initial_metadata()  # the stream is up; its first poll follows at once
+    # the stream is up, with its request id sent at once; its first poll follows
+    assert any(key == "x-request-id" and value for key, value in events.initial_metadata())
     job = admin.RunStorageMaintenance(admin_pb2.RunStorageMaintenanceRequest(
         operation=admin_pb2.RunStorageMaintenanceRequest.OPERATION_COMPACT), metadata=auth)
     assert job.kind == "compact"

@@ -94,13 +94,15 @@ def test_credentials_roles_and_request_ids(grpc_daemon):
         assert err.code() is grpc.StatusCode.UNAUTHENTICATED, bad
     err = failure(admin.ListFeatureFlags, request, metadata=grpc_daemon.auth("operator"))
     assert err.code() is grpc.StatusCode.PERMISSION_DENIED
+    made = [value for key, value in err.trailing_metadata() if key == "x-request-id"]
+    assert len(made) == 1 and len(made[0]) == 24, made  # a new id, for the server log
     [info] = details_of(err, error_details_pb2.ErrorInfo)
     assert info.domain == "llm-optimizer"
     answer, call = admin.ListFeatureFlags.with_call(
         request, metadata=(("authorization", f"Bearer {token({})}"),
                            ("x-request-id", "trace-42")))
     assert {f.name for f in answer.flags} >= {"rollouts", "proposals"}
-    assert ("x-request-id", "trace-42") in tuple(call.initial_metadata())
+    assert ("x-request-id", "trace-42") in tuple(call.trailing_metadata())
     answer = admin.ListFeatureFlags(request,
                                     metadata=(("x-api-key", grpc_daemon.keys["admin"]),))
     assert answer.flags

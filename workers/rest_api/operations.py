@@ -7,6 +7,10 @@ HTTP: authorize the caller's role, check the path parameters against the route's
 convert the plain query and body into the declared msgspec
 types (a 422 ``Problem`` naming the field otherwise), run the handler, and hand back its result
 (the body of a ``Reply``). Authentication and rate limits are the transport's, before this.
+
+With a ``ResponseCache``, the results of the routes the table marks ``cached`` are reused for its
+TTL, as the REST API reuses their encoded answers (after the role check, which always runs),
+and every state-changing call clears it.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ class UnknownOperation(LookupError):
 class Operations:
     def __init__(self, table: RouteTable, cache: ResponseCache | None = None) -> None:
         self.routes: dict[str, Route] = {route.operation_id: route for route in table}
-        self.cache = cache  # a write through here clears it, as through HTTP
+        self.cache = cache
 
     def route(self, operation_id: str) -> Route:
         try:
@@ -52,6 +56,10 @@ class Operations:
             if not re.fullmatch(pattern, value):
                 raise Problem(422, "Unprocessable Content", f"{name} {value!r} does not match "
                               f"{pattern}", path=name, type_suffix="invalid-input")
+        reuse = self.cache if route.cached and route.method == "GET" else None
+        key = f"{operation_id} {sorted(params.items())} {sorted((query or {}).items())}"
+        if reuse is not None and (hit := reuse.get(key)) is not None:
+            return hit.body
         decoded_query = _convert(query or {}, route.query, "query") if route.query else None
         decoded_body = _convert(body, route.body, "body") if route.body is not None else None
         try:
@@ -61,7 +69,13 @@ class Operations:
         finally:
             if self.cache is not None and route.method not in ("GET", "HEAD"):
                 self.cache.clear()
-        return result.body if isinstance(result, Reply) else result
+        if isinstance(result, Reply):
+            if result.headers:  # an answer with headers (a redirect, a retry hint) is not kept
+                return result.body
+            result = result.body
+        if reuse is not None:
+            reuse.put(key, 200, result)
+        return result
 
 
 def _convert(value: Any, kind: Any, where: str) -> Any:

@@ -181,7 +181,7 @@ def _serve(route: Route, authenticator: Authenticator, limiter: Limiter | None,
             return web.Response(status=reply.status, headers=reply.headers)
         encoded = msgspec.json.encode(reply.body)
         if reuse is not None and not reply.headers:
-            reuse.put(request.path_qs, reply.status, encoded)
+            reuse.put(request.path_qs, reply.status, encoded, len(encoded))
         return web.Response(status=reply.status, body=encoded,
                             content_type="application/json", headers=reply.headers)
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import importlib
 
-import grpc
-
+from workers.grpc_api.interceptor import GuardedServer
 from workers.grpc_api.layer import ServiceLayer
 
 MODULES = ("optimization", "config", "metrics", "integrations", "health", "admin")
 
 
-def register(server: grpc.aio.Server, layer: ServiceLayer) -> list[str]:
+def register(server: GuardedServer, layer: ServiceLayer) -> list[str]:
     return [importlib.import_module(f"{__name__}.{name}").register(server, layer)
             for name in MODULES]

@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2
 from protos.llm_optimizer.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 from workers.grpc_api.convert import (NS, enum_text, enum_value, plain, struct, timestamp_ms,
                                       timestamp_ns)
-from workers.grpc_api.interceptor import current_principal
+from workers.grpc_api.interceptor import GuardedServer, current_principal
 from workers.grpc_api.layer import ServiceLayer
 from workers.rest_api.auth import AuthError, AuthFailure, Role, authorize
 from workers.rest_api.endpoints.common import MAX_PAGE, command_problem, not_found
@@ -361,6 +361,6 @@ class _Watch:
                 and (not self.service or event.service == self.service)]
 
 
-def register(server: grpc.aio.Server, layer: ServiceLayer) -> str:
+def register(server: GuardedServer, layer: ServiceLayer) -> str:
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminService(layer), server)
     return admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name

@@ -22,7 +22,7 @@ from ipc import storage as s
 from ipc.variants import SECTIONS, LLMConfig
 from protos.llm_optimizer.v1 import config_pb2, config_pb2_grpc
 from workers.grpc_api.convert import plain, struct, timestamp_ns
-from workers.grpc_api.interceptor import current_principal
+from workers.grpc_api.interceptor import GuardedServer, current_principal
 from workers.grpc_api.layer import ServiceLayer
 from workers.processor.configs import InvalidConfig, content, validate
 from workers.rest_api.auth import authorize
@@ -369,6 +369,6 @@ def _config_change(payload: bytes) -> tuple[str, int, str] | None:
     return service, version, str(body.get("by") or "")
 
 
-def register(server: grpc.aio.Server, layer: ServiceLayer) -> str:
+def register(server: GuardedServer, layer: ServiceLayer) -> str:
     config_pb2_grpc.add_ConfigServiceServicer_to_server(ConfigService(layer), server)
     return config_pb2.DESCRIPTOR.services_by_name["ConfigService"].full_name

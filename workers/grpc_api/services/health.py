@@ -20,6 +20,7 @@ from google.protobuf import duration_pb2
 from protos.llm_optimizer.v1 import health_pb2, health_pb2_grpc
 from workers.grpc_api import DEFAULT_NEEDS
 from workers.grpc_api.convert import enum_value, timestamp_ns
+from workers.grpc_api.interceptor import GuardedServer
 from workers.grpc_api.layer import ServiceLayer
 from workers.rest_api.problems import Problem
 
@@ -155,6 +156,6 @@ class HealthService(health_pb2_grpc.HealthServiceServicer):
             await asyncio.sleep(WATCH_POLL_S)
 
 
-def register(server: grpc.aio.Server, layer: ServiceLayer) -> str:
+def register(server: GuardedServer, layer: ServiceLayer) -> str:
     health_pb2_grpc.add_HealthServiceServicer_to_server(HealthService(layer), server)
     return health_pb2.DESCRIPTOR.services_by_name["HealthService"].full_name

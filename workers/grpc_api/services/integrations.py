@@ -18,6 +18,7 @@ from google.protobuf import duration_pb2
 from protos.llm_optimizer.v1 import integrations_pb2 as I
 from protos.llm_optimizer.v1 import integrations_pb2_grpc
 from workers.grpc_api.convert import plain, struct, timestamp_ms, timestamp_ns
+from workers.grpc_api.interceptor import GuardedServer
 from workers.grpc_api.layer import ServiceLayer
 from workers.rest_api.problems import Problem
 
@@ -194,7 +195,7 @@ def _plain(value: Any) -> Any:
     return msgspec.to_builtins(value)
 
 
-def register(server: grpc.aio.Server, layer: ServiceLayer) -> str:
+def register(server: GuardedServer, layer: ServiceLayer) -> str:
     integrations_pb2_grpc.add_IntegrationServiceServicer_to_server(IntegrationService(layer),
                                                                    server)
     return I.DESCRIPTOR.services_by_name["IntegrationService"].full_name

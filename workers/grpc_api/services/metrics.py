@@ -40,7 +40,7 @@ from workers.collector.pipeline import IngestPipeline, NotDurable, Overloaded, R
 from workers.eventlog import open_producer
 from workers.grpc_api.convert import enum_text, enum_value, ms_of, struct, timestamp_ns
 from workers.grpc_api.errors import problem_status
-from workers.grpc_api.interceptor import current_principal
+from workers.grpc_api.interceptor import GuardedServer, current_principal
 from workers.grpc_api.layer import ServiceLayer
 from workers.rest_api.auth import Role, authorize
 from workers.rest_api.endpoints.common import EVENTS_LOG, MAX_PAGE, decode_cursor, encode_cursor
@@ -512,6 +512,6 @@ class MetricsService(metrics_pb2_grpc.MetricsServiceServicer):
             *status.trailing_metadata, ("x-durable-events", str(durable))))
 
 
-def register(server: grpc.aio.Server, layer: ServiceLayer) -> str:
+def register(server: GuardedServer, layer: ServiceLayer) -> str:
     metrics_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsService(layer), server)
     return metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"].full_name
