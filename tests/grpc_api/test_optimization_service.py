@@ -12,6 +12,7 @@ import json
 import queue
 import random
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,10 +23,11 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 
 from ipc import storage as s
-from protos.llm_optimizer.v1 import optimization_pb2, optimization_pb2_grpc
+from protos.llm_optimizer.v1 import (config_pb2, config_pb2_grpc, optimization_pb2,
+                                     optimization_pb2_grpc)
 from tests.conftest import wait_until
 
-from .conftest import failure, violations
+from .conftest import GrpcDaemon, failure, start_daemon, violations
 from workers.storage_client import SyncStorageClient
 
 pytestmark = pytest.mark.timeout(180)
@@ -123,18 +125,19 @@ def stub(grpc_daemon) -> optimization_pb2_grpc.OptimizationServiceStub:
 
 def events(stub, d, request: pb.SubscribeOptimizationEventsRequest, want: int,
            timeout: float = 30.0) -> list:
-    """The first ``want`` events of a subscription."""
+    """The first ``want`` events of a subscription (whatever messages carried them)."""
     stream = stub.SubscribeOptimizationEvents(request, metadata=d.auth("viewer"),
                                               timeout=timeout)
-    got = []
+    got: list = []
     try:
-        for event in stream:
-            got.append(event)
-            if len(got) == want:
+        for message in stream:
+            assert message.events, "a message without events"
+            got.extend(message.events)
+            if len(got) >= want:
                 break
     finally:
         stream.cancel()
-    return got
+    return got[:want]
 
 
 class Session:
@@ -396,6 +399,55 @@ def test_create_starts_a_rollout_that_the_stream_carries(grpc_daemon, stub):
     assert err.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
+def append_events(d, service: str, numbers: range) -> list[int]:
+    """Proposal events about ``service``, one per number, in one append (one read finds them
+    all); their offsets."""
+    client = SyncStorageClient(d.daemon.runtime)
+    try:
+        appended = client.call(s.LogAppend(log="optimizer-events", records=[json.dumps({
+            "type": "proposal", "id": f"{service}-{n}", "time_ns": T0 * 10**9 + n,
+            "body": {"service": service, "n": n, "tags": ["a", n]}}).encode()
+            for n in numbers]))
+    finally:
+        client.close()
+    return list(range(appended.first_offset, appended.next_offset))
+
+
+def test_stream_batches_a_read_and_sends_a_live_append_alone_at_once(grpc_daemon, stub):
+    d = grpc_daemon
+    offsets = append_events(d, "g-batch", range(5))
+    request = pb.SubscribeOptimizationEventsRequest(service="g-batch", since_offset=offsets[0])
+    stream = stub.SubscribeOptimizationEvents(request, metadata=d.auth("viewer"), timeout=60)
+    try:
+        first = next(stream)  # the five were appended together: one read, one message
+        assert [e.offset for e in first.events] == offsets
+        assert [e.id for e in first.events] == [f"g-batch-{n}" for n in range(5)]
+        event = first.events[3]
+        assert plain(event.body) == {"service": "g-batch", "n": 3, "tags": ["a", 3]}
+        assert event.type == "proposal" and event.time.seconds == T0 and event.time.nanos == 3
+        # live: the stream waits on the log; one append is sent alone, without waiting for more
+        appended = queue.Queue()
+        threading.Timer(0.5, lambda: appended.put((time.monotonic(),  # before the append
+                                                   append_events(d, "g-batch", range(5, 6))))
+                        ).start()
+        live = next(stream)
+        received = time.monotonic()
+        sent, [offset] = appended.get(timeout=10)
+        assert [e.offset for e in live.events] == [offset]
+        assert received - sent < 2.0, f"the live event took {received - sent:.2f} s"
+    finally:
+        stream.cancel()
+    # the client may cap a message's events
+    capped = stub.SubscribeOptimizationEvents(pb.SubscribeOptimizationEventsRequest(
+        service="g-batch", since_offset=offsets[0], max_events_per_message=2),
+        metadata=d.auth("viewer"), timeout=60)
+    try:
+        sizes = [len(next(capped).events) for _ in range(3)]  # 5 + the live one
+    finally:
+        capped.cancel()
+    assert sizes == [2, 2, 2]
+
+
 def test_batch_create_reports_the_bad_item_and_creates_the_rest(grpc_daemon, stub):
     d = grpc_daemon
     for name in ("g-b1", "g-b2", "g-b3"):
@@ -503,6 +555,49 @@ def test_session_suggests_open_proposals_ranked_and_acks_feedback(grpc_daemon, s
         assert viewer.next().error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
     finally:
         viewer.close()
+
+
+def test_session_inputs_are_read_once_per_ttl_and_again_after_a_write():
+    """What a session query reads (open proposals, config) is shared for [rest_api]
+    cache_ttl_s (60 s on this daemon of its own); a write through the gRPC API's process reads
+    it again at once. Claude is not asked when Anthropic is not enabled: a note says so (the
+    integrations worker does not even run here)."""
+    d = GrpcDaemon(start_daemon(cache_ttl_s=60.0))
+    try:
+        channel = d.channel()
+        stub = optimization_pb2_grpc.OptimizationServiceStub(channel)
+        put_config(d, "g-snap", "gpt-4o")
+        seed(d, doc_id(400), proposal("model_selection:g-snap:chat:a", "g-snap", "open",
+                                      "model_selection", change={"model": "gpt-4o-mini"}))
+        session = Session(stub, d.auth("operator"))
+        try:
+            session.send(query=pb.SessionQuery(query_id="q1", service="g-snap"))
+            [first], done = session.until_complete()
+            assert first.optimization_id == doc_id(400) and first.valid
+            assert [(c.parameter, plain(c.old_value)) for c in first.changes] == [
+                ("model", "gpt-4o")]
+            assert "no suggestions from Claude: the anthropic integration is not enabled" in \
+                done.complete.notes
+            # stored behind the API's back: not seen within the TTL...
+            seed(d, doc_id(401), proposal("caching:g-snap:chat:b", "g-snap", "open",
+                                          savings=0.5))
+            session.send(query=pb.SessionQuery(query_id="q2", service="g-snap"))
+            same, _ = session.until_complete()
+            assert [x.optimization_id for x in same] == [doc_id(400)]
+            # ...until a write through this process (a config update) clears what was read
+            config_pb2_grpc.ConfigServiceStub(channel).UpdateConfig(
+                config_pb2.UpdateConfigRequest(service="g-snap", expected_version=1,
+                                               config=config_pb2.ConfigContent(model="gpt-4.1")),
+                metadata=d.auth("operator"))
+            session.send(query=pb.SessionQuery(query_id="q3", service="g-snap"))
+            fresh, _ = session.until_complete()
+            assert [x.optimization_id for x in fresh] == [doc_id(400), doc_id(401)]
+            assert [(c.parameter, plain(c.old_value)) for c in fresh[0].changes] == [
+                ("model", "gpt-4.1")]
+        finally:
+            session.close()
+    finally:
+        d.daemon.cleanup()
 
 
 # --- a real proposal, suggested, deployed from a session, rolled back (last: moves event time) -

@@ -112,15 +112,15 @@ def test_event_stream_survives_a_slow_consumer_with_bounded_memory(grpc_daemon):
             metadata=d.auth("viewer"), timeout=200)
         received: list[optimization_pb2.OptimizerEvent] = []
         try:
-            for _ in range(FIRST_READS):
-                received.append(next(stream))
+            while len(received) < FIRST_READS:  # a message carries the events of a log read
+                received.extend(next(stream).events)
             # The client stops reading. The server must stop too once the transport's windows
             # are full: wait until it is idle, then watch its RSS for a while.
             rss.phase = "paused"
             wait_until(idle(rss.process), timeout=60, interval=0.5,
                        message="grpc_api idle while the client does not read")
             unread = last - received[-1].offset
-            assert unread > RECORDS - FIRST_READS - 100
+            assert unread > RECORDS // 2, "most of the backlog is still to be sent"
 
             def bounded() -> bool:
                 return rss.rss() - before < RSS_BOUND
@@ -132,9 +132,9 @@ def test_event_stream_survives_a_slow_consumer_with_bounded_memory(grpc_daemon):
             paused_peak = rss.peaks["paused"]
             # resume: every event, in order, once
             rss.phase = "draining"
-            for event in stream:
-                received.append(event)
-                if event.offset >= last:
+            for message in stream:
+                received.extend(message.events)
+                if received[-1].offset >= last:
                     break
         finally:
             stream.cancel()

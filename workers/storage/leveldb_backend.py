@@ -17,6 +17,7 @@ which lets it keep log heads and current document versions in memory.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import struct
@@ -313,10 +314,7 @@ class LevelDBBackend(Backend):
 
 
 def _take(it: Iterator, limit: int) -> Iterator:
-    for i, item in enumerate(it):
-        if i >= limit:
-            break
-        yield item
+    return itertools.islice(it, limit)
 
 
 def _prefixed(it: Iterator, prefix: bytes) -> Iterator:

@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dllm_optimizer/v1/common.proto\x12\x10llm_optimizer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8b\x01\n\x0eOptimizerEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x04\x62ody\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0e\n\x06offset\x18\x05 \x01(\x04\"F\n\tItemError\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_VIEWER\x10\x01\x12\x11\n\rROLE_OPERATOR\x10\x02\x12\x0e\n\nROLE_ADMIN\x10\x03\x42<\n\x12io.llmoptimizer.v1B\x0b\x43ommonProtoP\x01\xa2\x02\x04LLMO\xaa\x02\x0fLlmOptimizer.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dllm_optimizer/v1/common.proto\x12\x10llm_optimizer.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xad\x01\n\x0eOptimizerEvent\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x04\x62ody\x18\x04 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x12\x13\n\tbody_json\x18\x06 \x01(\tH\x00\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x42\t\n\x07payload\"F\n\tItemError\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_VIEWER\x10\x01\x12\x11\n\rROLE_OPERATOR\x10\x02\x12\x0e\n\nROLE_ADMIN\x10\x03\x42<\n\x12io.llmoptimizer.v1B\x0b\x43ommonProtoP\x01\xa2\x02\x04LLMO\xaa\x02\x0fLlmOptimizer.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llm_optimizer.v1.common_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\022io.llmoptimizer.v1B\013CommonProtoP\001\242\002\004LLMO\252\002\017LlmOptimizer.V1'
-  _globals['_SEVERITY']._serialized_start=328
-  _globals['_SEVERITY']._serialized_end=428
-  _globals['_ROLE']._serialized_start=430
-  _globals['_ROLE']._serialized_end=510
+  _globals['_SEVERITY']._serialized_start=362
+  _globals['_SEVERITY']._serialized_end=462
+  _globals['_ROLE']._serialized_start=464
+  _globals['_ROLE']._serialized_end=544
   _globals['_OPTIMIZEREVENT']._serialized_start=115
-  _globals['_OPTIMIZEREVENT']._serialized_end=254
-  _globals['_ITEMERROR']._serialized_start=256
-  _globals['_ITEMERROR']._serialized_end=326
+  _globals['_OPTIMIZEREVENT']._serialized_end=288
+  _globals['_ITEMERROR']._serialized_start=290
+  _globals['_ITEMERROR']._serialized_end=360
 # @@protoc_insertion_point(module_scope)

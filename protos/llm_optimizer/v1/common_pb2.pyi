@@ -35,18 +35,20 @@ ROLE_OPERATOR: Role
 ROLE_ADMIN: Role
 
 class OptimizerEvent(_message.Message):
-    __slots__ = ("type", "id", "time", "body", "offset")
+    __slots__ = ("type", "id", "time", "body", "body_json", "offset")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     BODY_FIELD_NUMBER: _ClassVar[int]
+    BODY_JSON_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     type: str
     id: str
     time: _timestamp_pb2.Timestamp
     body: _struct_pb2.Struct
+    body_json: str
     offset: int
-    def __init__(self, type: _Optional[str] = ..., id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., body: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
+    def __init__(self, type: _Optional[str] = ..., id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., body: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., body_json: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("index", "path", "reason", "code")

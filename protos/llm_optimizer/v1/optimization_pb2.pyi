@@ -59,6 +59,12 @@ class TransitionKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSITION_KIND_PROMOTED: _ClassVar[TransitionKind]
     TRANSITION_KIND_ROLLED_BACK: _ClassVar[TransitionKind]
 
+class EventBodyFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_BODY_FORMAT_UNSPECIFIED: _ClassVar[EventBodyFormat]
+    EVENT_BODY_FORMAT_STRUCT: _ClassVar[EventBodyFormat]
+    EVENT_BODY_FORMAT_JSON: _ClassVar[EventBodyFormat]
+
 class SuggestionSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SUGGESTION_SOURCE_UNSPECIFIED: _ClassVar[SuggestionSource]
@@ -100,6 +106,9 @@ TRANSITION_KIND_STARTED: TransitionKind
 TRANSITION_KIND_STAGE_ADVANCED: TransitionKind
 TRANSITION_KIND_PROMOTED: TransitionKind
 TRANSITION_KIND_ROLLED_BACK: TransitionKind
+EVENT_BODY_FORMAT_UNSPECIFIED: EventBodyFormat
+EVENT_BODY_FORMAT_STRUCT: EventBodyFormat
+EVENT_BODY_FORMAT_JSON: EventBodyFormat
 SUGGESTION_SOURCE_UNSPECIFIED: SuggestionSource
 SUGGESTION_SOURCE_DECISION_ENGINE: SuggestionSource
 SUGGESTION_SOURCE_ANTHROPIC: SuggestionSource
@@ -354,14 +363,24 @@ class ValidateOptimizationResponse(_message.Message):
     def __init__(self, valid: _Optional[bool] = ..., path: _Optional[str] = ..., problem: _Optional[str] = ..., rollout_running: _Optional[bool] = ..., config: _Optional[_Union[_config_pb2.LLMConfig, _Mapping]] = ...) -> None: ...
 
 class SubscribeOptimizationEventsRequest(_message.Message):
-    __slots__ = ("types", "service", "since_offset")
+    __slots__ = ("types", "service", "since_offset", "max_events_per_message", "body_format")
     TYPES_FIELD_NUMBER: _ClassVar[int]
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     SINCE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    BODY_FORMAT_FIELD_NUMBER: _ClassVar[int]
     types: _containers.RepeatedScalarFieldContainer[str]
     service: str
     since_offset: int
-    def __init__(self, types: _Optional[_Iterable[str]] = ..., service: _Optional[str] = ..., since_offset: _Optional[int] = ...) -> None: ...
+    max_events_per_message: int
+    body_format: EventBodyFormat
+    def __init__(self, types: _Optional[_Iterable[str]] = ..., service: _Optional[str] = ..., since_offset: _Optional[int] = ..., max_events_per_message: _Optional[int] = ..., body_format: _Optional[_Union[EventBodyFormat, str]] = ...) -> None: ...
+
+class SubscribeOptimizationEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[_common_pb2.OptimizerEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[_common_pb2.OptimizerEvent, _Mapping]]] = ...) -> None: ...
 
 class BatchCreateResult(_message.Message):
     __slots__ = ("index", "response", "error")

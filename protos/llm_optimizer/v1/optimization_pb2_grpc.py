@@ -5,7 +5,6 @@
 import grpc
 import warnings
 
-from protos.llm_optimizer.v1 import common_pb2 as llm__optimizer_dot_v1_dot_common__pb2
 from protos.llm_optimizer.v1 import config_pb2 as llm__optimizer_dot_v1_dot_config__pb2
 from protos.llm_optimizer.v1 import optimization_pb2 as llm__optimizer_dot_v1_dot_optimization__pb2
 
@@ -79,7 +78,7 @@ class OptimizationServiceStub:
         self.SubscribeOptimizationEvents = channel.unary_stream(
                 '/llm_optimizer.v1.OptimizationService/SubscribeOptimizationEvents',
                 request_serializer=llm__optimizer_dot_v1_dot_optimization__pb2.SubscribeOptimizationEventsRequest.SerializeToString,
-                response_deserializer=llm__optimizer_dot_v1_dot_common__pb2.OptimizerEvent.FromString,
+                response_deserializer=llm__optimizer_dot_v1_dot_optimization__pb2.SubscribeOptimizationEventsResponse.FromString,
                 _registered_method=True)
         self.BatchCreateOptimizations = channel.stream_unary(
                 '/llm_optimizer.v1.OptimizationService/BatchCreateOptimizations',
@@ -164,7 +163,12 @@ class OptimizationServiceServicer:
     def SubscribeOptimizationEvents(self, request, context):
         """Server streaming: records of the optimizer-events log (proposals, rollout transitions,
         findings, config changes) as they are appended; with since_offset, replayed from there
-        first. REST: GET /v1/events/stream (server-sent events).
+        first. Events travel in batches: each message carries the wanted events of one read of
+        the log (at least one), in log order, split over several messages when they would exceed
+        the server's largest message ([grpc_api] max_message_kb) or the request's
+        max_events_per_message. A live tail is not delayed to fill a batch: a record appended
+        while the stream waits is sent as soon as it is read, with only what that read found.
+        REST: GET /v1/events/stream (server-sent events, one event each).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,6 +189,11 @@ class OptimizationServiceServicer:
         suggestions drawn from the decision engine (the processor's strategies and their open
         proposals) and, when the Anthropic integration is configured, from Claude, then a
         QueryComplete. Feedback is acknowledged; feedback that accepts a suggestion may deploy it.
+        Staleness: a server process reads a service's open proposals and config once for all the
+        queries about it (from any session) within [rest_api] cache_ttl_s (default 1 s; 0: every
+        query reads them); a write through that process (a deploy, a config change...) makes the
+        next query read them again, and changes made elsewhere (the processor, another API
+        process) show after at most cache_ttl_s, as with the REST API's cached reads.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -231,7 +240,7 @@ def add_OptimizationServiceServicer_to_server(servicer, server):
             'SubscribeOptimizationEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.SubscribeOptimizationEvents,
                     request_deserializer=llm__optimizer_dot_v1_dot_optimization__pb2.SubscribeOptimizationEventsRequest.FromString,
-                    response_serializer=llm__optimizer_dot_v1_dot_common__pb2.OptimizerEvent.SerializeToString,
+                    response_serializer=llm__optimizer_dot_v1_dot_optimization__pb2.SubscribeOptimizationEventsResponse.SerializeToString,
             ),
             'BatchCreateOptimizations': grpc.stream_unary_rpc_method_handler(
                     servicer.BatchCreateOptimizations,
@@ -462,7 +471,7 @@ class OptimizationService:
             target,
             '/llm_optimizer.v1.OptimizationService/SubscribeOptimizationEvents',
             llm__optimizer_dot_v1_dot_optimization__pb2.SubscribeOptimizationEventsRequest.SerializeToString,
-            llm__optimizer_dot_v1_dot_common__pb2.OptimizerEvent.FromString,
+            llm__optimizer_dot_v1_dot_optimization__pb2.SubscribeOptimizationEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,9 +22,11 @@ What the daemon has no backing for is refused rather than faked:
 * ``OptimizationSession`` answers a query with the service's OPEN proposals, ranked as the
   engine ranks them for auto-deploy (direct evidence first, then by savings;
   COST_PERFORMANCE_SCORING: any strategy, model selection first), filtered by operation,
-  strategies and the query's ``quality_tolerance``, each checked with ValidateOptimization
-  (which needs the operator role: a viewer's suggestions say valid=false and a note says
-  why); then, when the integrations worker has Anthropic enabled, Claude's suggestions
+  strategies and the query's ``quality_tolerance``, each checked as ValidateOptimization
+  checks a change (which needs the operator role: a viewer's suggestions say valid=false and
+  a note says why); the proposals and the config are read once per service for all queries
+  within the response cache's TTL (see the proto's staleness note); then, when
+  ``[integrations.anthropic]`` is enabled, Claude's suggestions
   (source ANTHROPIC) from the service's measured figures (``metrics_summary``), the query's
   ``prompt`` and ``context``; then a ``complete`` whose notes say what was left out and why.
   Feedback is acknowledged; ACCEPTED with ``deploy`` deploys
@@ -34,6 +36,7 @@ What the daemon has no backing for is refused rather than faked:
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import OrderedDict
@@ -46,16 +49,17 @@ import msgspec
 from google.protobuf import json_format, struct_pb2
 
 from ipc import storage as s
-from ipc.variants import OVERRIDABLE, SECTIONS, merge
+from ipc.variants import OVERRIDABLE, SECTIONS, LLMConfig, merge
 from protos.llm_optimizer.v1 import (
     common_pb2,
     config_pb2,
     optimization_pb2,
     optimization_pb2_grpc,
 )
+from workers.grpc_api import wire
 from workers.grpc_api.convert import enum_text, enum_value, plain, struct, timestamp_ns
 from workers.grpc_api.errors import code_of
-from workers.grpc_api.interceptor import REQUEST_ID, current_principal
+from workers.grpc_api.interceptor import REQUEST_ID, GuardedServer, current_principal
 from workers.grpc_api.layer import ServiceLayer
 from workers.rest_api.auth import AuthError, AuthFailure, Role, authorize
 from workers.rest_api.endpoints.common import (
@@ -64,6 +68,7 @@ from workers.rest_api.endpoints.common import (
     active_rollouts,
     conflict,
 )
+from workers.rest_api.endpoints.optimizations import check_change
 from workers.rest_api.problems import Problem
 from workers.rest_api.processor_link import CommandFailed
 from workers.rest_api.sse import DEDUP_MAX, READ_BATCH
@@ -81,6 +86,8 @@ SESSION_MEMORY = 10_000  # suggestions a session remembers for feedback
 ENGINE_STRATEGIES = ("model_selection", "caching", "batching", "prompt_optimization",
                      "rate_limiting")
 MAX_CLAUDE_SUGGESTIONS = 5
+# The reads whose results session queries share (each query checks its caller's role for them)
+_INPUT_READS = ("list_optimizations", "get_config", "get_optimization")
 # The processor's expected_impact and constraints keys with a field of their own; the rest
 # travel in ``extras``.
 _IMPACT_KEYS = frozenset({"cost_pct", "confidence", "savings_usd_per_day", "error_rate_delta",
@@ -504,33 +511,60 @@ class OptimizationService(optimization_pb2_grpc.OptimizationServiceServicer):
 
     # --- the events stream -----------------------------------------------------------------
 
-    async def SubscribeOptimizationEvents(self, request: pb.SubscribeOptimizationEventsRequest,
-                                          context: grpc.aio.ServicerContext
-                                          ) -> AsyncIterator[common_pb2.OptimizerEvent]:
+    async def SubscribeOptimizationEvents(
+            self, request: pb.SubscribeOptimizationEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SubscribeOptimizationEventsResponse]:
         """The optimizer-events log from ``since_offset`` (else its end) on, long-polled as
         workers/rest_api/sse.py does; gRPC flow control is the back-pressure (the next read
-        waits for the client), and records appended twice after a crash are sent once."""
+        waits for the client), and records appended twice after a crash are sent once. The
+        wanted events of each read go out at once, in as few messages as the server's message
+        size and the request's ``max_events_per_message`` allow: one message per event cost
+        more than converting it."""
         _require(Role.VIEWER)  # as GET /v1/events/stream (served apart from the route table)
         deps, types = self.layer.deps, set(request.types)
+        room = deps.config.grpc_api.max_message_kb * 1024  # the server's largest message
+        most = request.max_events_per_message  # 0: no cap
+        as_json = request.body_format == pb.EVENT_BODY_FORMAT_JSON
         offset = request.since_offset if request.HasField("since_offset") else None
+        reading: asyncio.Future[s.LogReadResult] | None = None
         try:
             if offset is None:
                 offset = (await deps.storage.call(s.LogInfo(log=EVENTS_LOG))).next_offset
             seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+            reading = self._read_events(offset)
             while not deps.closing.is_set():
-                page = await deps.storage.call(
-                    s.LogRead(log=EVENTS_LOG, offset=offset, max_records=READ_BATCH,
-                              wait_ms=EVENTS_WAIT_MS), timeout=EVENTS_WAIT_MS / 1000 + 10)
+                page = await reading
+                # storage reads the next page while this one is converted and sent
+                reading = self._read_events(page.next_offset)
+                batch: list[bytes] = []
+                size = 0
                 for record in page.records:
-                    offset = record.offset + 1
-                    event = _event(record, types, request.service, seen)
-                    if event is not None:
-                        yield event
+                    event = _event(record, types, request.service, seen, as_json)
+                    if event is None:
+                        continue
+                    if batch and (len(batch) == most or size + len(event) > room):
+                        yield _events_message(batch)
+                        batch, size = [], 0
+                    batch.append(event)
+                    size += len(event)
+                if batch:
+                    yield _events_message(batch)
                 offset = page.next_offset
         except s.StorageFailure as exc:
             resume = "" if offset is None else f"; resume with since_offset={offset}"
             raise Problem(503, "Service Unavailable", f"storage: {exc}{resume}", retry_after=1,
                           type_suffix="upstream-unavailable") from None
+        finally:
+            if reading is not None:  # the read ahead is not needed any more
+                reading.cancel()
+                if reading.done() and not reading.cancelled():
+                    reading.exception()  # its failure, if any, concerns no one now
+
+    def _read_events(self, offset: int) -> asyncio.Future[s.LogReadResult]:
+        """A long-polling read of the events log from ``offset``, under way."""
+        return asyncio.ensure_future(self.layer.deps.storage.call(
+            s.LogRead(log=EVENTS_LOG, offset=offset, max_records=READ_BATCH,
+                      wait_ms=EVENTS_WAIT_MS), timeout=EVENTS_WAIT_MS / 1000 + 10))
 
     # --- the interactive session -----------------------------------------------------------
 
@@ -588,48 +622,85 @@ class OptimizationService(optimization_pb2_grpc.OptimizationServiceServicer):
                 query.constraints.HasField("min_samples"):
             notes.append("latency_budget_ms and min_samples are not applied to suggestions; "
                          "the canary judge keeps the daemon's own guard rails")
-        views = [v for v in await self._open_proposals(query.service)
+        for operation_id in _INPUT_READS:  # what reading them would check
+            self._authorize(operation_id)
+        inputs = await self._inputs(query.service)
+        views = [v for v in inputs.views
                  if (not query.operation or v["operation"] == query.operation)
                  and (not wanted or v["strategy"] in wanted)
                  and not _too_harmful(v, tolerance)]
         views.sort(key=lambda v: ((v["strategy"] != "model_selection") if scoring else False,
                                   *_engine_rank(v)))
         views = views[:min(query.max_suggestions or DEFAULT_SUGGESTIONS, MAX_SUGGESTIONS)]
-        current = await self._config(query.service)
-        if views and current is None:
+        may_validate = inputs.config is not None
+        if views and not may_validate:
             notes.append(f"{query.service!r} has no config: its suggestions are not validated")
-        found, may_validate = [], current is not None
+        if views and may_validate:
+            try:
+                self._authorize("validate_optimization")
+            except AuthError as exc:
+                if exc.status != 403:
+                    raise
+                may_validate = False
+                notes.append("suggestions are not validated: ValidateOptimization needs "
+                             "the operator role")
+        found = []
         for view in views:
-            detail = _builtins(await self.layer.call("get_optimization",
-                                                     params={"id": view["id"]}))
-            valid = False
-            if may_validate:
-                try:
-                    valid = _builtins(await self.layer.call(
-                        "validate_optimization", body={"service": query.service,
-                                                       "change": detail["change"]}))["valid"]
-                except Problem as exc:
-                    if exc.status != 403:
-                        raise
-                    may_validate = False
-                    notes.append("suggestions are not validated: ValidateOptimization needs "
-                                 "the operator role")
-            found.append(pb.Suggestion(
-                query_id=query.query_id, source=pb.SUGGESTION_SOURCE_DECISION_ENGINE,
-                optimization_id=detail["id"], strategy=enum_value(Strategy, detail["strategy"]),
-                service=detail["service"], operation=detail["operation"], title=detail["title"],
-                rationale=detail["rationale"], changes=changes_of(detail["change"], current),
-                change=struct(detail["change"]),
-                expected_impact=impact_message(detail["expected_impact"]),
-                evidence={k: float(v) for k, v in detail["evidence"].items()}, valid=valid))
+            task = inputs.made.get(view["id"])
+            if not _usable(task):
+                task = inputs.made[view["id"]] = asyncio.ensure_future(
+                    self._engine_suggestion(view, inputs))
+            made, valid = await asyncio.shield(task)
+            suggestion = pb.Suggestion(query_id=query.query_id, valid=may_validate and valid)
+            suggestion.MergeFrom(made)
+            found.append(suggestion)
         claude, note = await self._claude(query)
         if note:
             notes.append(note)
         return found + claude, notes
 
+    async def _inputs(self, service: str) -> _Inputs:
+        """The service's open proposals and config, read once for every query about it (from
+        any session) in the operations' response cache: for its TTL from the read's start,
+        until a write through this process clears it (a read under way then is not reused)."""
+        cache = self.layer.operations.cache
+        if cache is None:
+            return await self._read_inputs(service)
+        key = f"grpc:OptimizationSession {service}"
+        hit = cache.get(key)
+        task = hit.body if hit is not None else None
+        if not _usable(task):  # the read runs on if its first asker goes away
+            task = asyncio.ensure_future(self._read_inputs(service))
+            cache.put(key, 200, task)
+        return await asyncio.shield(task)
+
+    async def _read_inputs(self, service: str) -> _Inputs:
+        current = await self._config(service)
+        return _Inputs(views=await self._open_proposals(service), current=current,
+                       config=None if current is None else msgspec.convert(current, LLMConfig))
+
+    async def _engine_suggestion(self, view: dict[str, Any], inputs: _Inputs
+                                 ) -> tuple[pb.Suggestion, bool]:
+        """An open proposal as a Suggestion (without query_id and valid), and whether its
+        change validates against the config read with it (ValidateOptimization's check)."""
+        detail = _builtins(await self.layer.call("get_optimization",
+                                                 params={"id": view["id"]}))
+        valid = inputs.config is not None and \
+            check_change(inputs.config, detail["change"]).valid
+        return pb.Suggestion(
+            source=pb.SUGGESTION_SOURCE_DECISION_ENGINE,
+            optimization_id=detail["id"], strategy=enum_value(Strategy, detail["strategy"]),
+            service=detail["service"], operation=detail["operation"], title=detail["title"],
+            rationale=detail["rationale"], changes=changes_of(detail["change"], inputs.current),
+            change=struct(detail["change"]),
+            expected_impact=impact_message(detail["expected_impact"]),
+            evidence={k: float(v) for k, v in detail["evidence"].items()}), valid
+
     async def _claude(self, query: pb.SessionQuery) -> tuple[list[pb.Suggestion], str]:
         """Claude's suggestions for the query, through the integrations worker; none, with
         the reason as a note, when Anthropic is not enabled or does not answer."""
+        if not self.layer.deps.config.integrations.anthropic.enabled:  # nothing to ask
+            return [], "no suggestions from Claude: the anthropic integration is not enabled"
         summary = _builtins(await self.layer.call("metrics_summary",
                                                   query={"service": query.service}))
         totals, by_model = summary["totals"], summary["by_model"]
@@ -704,6 +775,23 @@ class OptimizationService(optimization_pb2_grpc.OptimizationServiceServicer):
 
 
 @dataclass
+class _Inputs:
+    """A service's suggestion inputs as read at one time, shared by the queries about it."""
+
+    views: list[dict[str, Any]]  # its open proposals (list items)
+    current: dict[str, Any] | None  # its config (None: it has none)
+    config: LLMConfig | None
+    made: dict[str, asyncio.Future[tuple[pb.Suggestion, bool]]] = field(
+        default_factory=dict)  # optimization id -> suggestion, valid
+
+
+def _usable(task: asyncio.Future[Any] | None) -> bool:
+    """A shared read that is under way or succeeded (a failed one is read again)."""
+    return task is not None and not (task.done() and (task.cancelled()
+                                                      or task.exception() is not None))
+
+
+@dataclass
 class _Session:
     """What a session remembers: its suggestions (for feedback), the newest SESSION_MEMORY."""
 
@@ -738,29 +826,74 @@ def _session_error(code: grpc.StatusCode, message: str, *, query_id: str = "",
         query_id=query_id, suggestion_id=suggestion_id, code=code.value[0], message=message))
 
 
+class _Record(msgspec.Struct):
+    """What the stream reads of an events-log record; the body stays JSON text until a Struct
+    is wanted."""
+
+    type: Any = None
+    id: Any = None
+    time_ns: Any = None
+    body: msgspec.Raw = msgspec.Raw(b"null")
+
+
+class _About(msgspec.Struct):
+    service: Any = None
+
+
+_RECORD = msgspec.json.Decoder(_Record)
+_ABOUT = msgspec.json.Decoder(_About)
+
+
 def _event(record: s.LogRecord, types: set[str], service: str,
-           seen: OrderedDict[tuple[str, str], None]) -> common_pb2.OptimizerEvent | None:
-    """The record as an event if it is wanted and new to this stream; None otherwise."""
+           seen: OrderedDict[tuple[str, str], None], as_json: bool) -> bytes | None:
+    """The record as an OptimizerEvent, in wire bytes as one element of a response's
+    ``events``, if it is wanted and new to this stream; None otherwise (also for a record
+    that is not a JSON object, or holds what a Struct cannot: a number beyond a double). A
+    ``time_ns`` that is not a positive int64 leaves ``time`` unset; a body that is not an
+    object leaves the payload unset. ``as_json``: the body as its JSON text (``body_json``)."""
     try:
-        event = json.loads(record.payload)
-    except ValueError:
+        event = _RECORD.decode(record.payload)
+    except ValueError:  # not JSON, or not an object
         return None
-    if not isinstance(event, dict):
+    ident = (str(event.type), str(event.id))
+    if ident in seen or (types and ident[0] not in types):
         return None
-    ident = (str(event.get("type")), str(event.get("id")))
-    body = event.get("body")
-    if ident in seen or (types and ident[0] not in types) or (
-            service and not (isinstance(body, dict) and body.get("service") == service)):
+    text = bytes(event.body)
+    is_object = text[:1] == b"{"
+    try:
+        if as_json:
+            if service and not (is_object and _ABOUT.decode(text).service == service):
+                return None
+            if not text.isascii():
+                text.decode()  # a string field must be UTF-8 (the decoder let it through)
+            payload = wire.field(b"\x32", text) if is_object else b""
+        else:
+            body = msgspec.json.decode(text) if is_object else None
+            if service and not (body is not None and body.get("service") == service):
+                return None
+            payload = b"" if body is None else wire.field(b"\x22", wire.struct_bytes(body))
+        ns = event.time_ns
+        stamp = wire.timestamp_bytes(ns) if type(ns) is int and 0 < ns < 1 << 63 else None
+        # OptimizerEvent: type = 1, id = 2, time = 3, body = 4 | body_json = 6, offset = 5
+        message = b"".join((
+            wire.field(b"\x0a", ident[0].encode()), wire.field(b"\x12", ident[1].encode()),
+            b"" if stamp is None else wire.field(b"\x1a", stamp), payload,
+            b"\x28" + wire.varint(record.offset) if record.offset else b""))
+    except ValueError:  # not UTF-8 (a lone surrogate too), or what a Struct cannot hold
         return None
     seen[ident] = None
     if len(seen) > DEDUP_MAX:
         seen.popitem(last=False)
-    return common_pb2.OptimizerEvent(
-        type=ident[0], id=ident[1], time=timestamp_ns(event.get("time_ns")),
-        body=struct(body) if isinstance(body, dict) else None, offset=record.offset)
+    return wire.field(b"\x0a", message)
 
 
-def register(server: grpc.aio.Server, layer: ServiceLayer) -> str:
+def _events_message(events: list[bytes]) -> pb.SubscribeOptimizationEventsResponse:
+    """The message of ``_event`` elements, parsed at once (the bodies never exist as Python
+    messages)."""
+    return pb.SubscribeOptimizationEventsResponse.FromString(b"".join(events))
+
+
+def register(server: GuardedServer, layer: ServiceLayer) -> str:
     optimization_pb2_grpc.add_OptimizationServiceServicer_to_server(OptimizationService(layer),
                                                                     server)
     return optimization_pb2.DESCRIPTOR.services_by_name["OptimizationService"].full_name

@@ -106,6 +106,22 @@ def _view(doc_id: str, body: dict[str, Any], kind: type[Struct],
     return msgspec.convert({**data, "id": doc_id, "proposal_id": body["id"]}, kind)
 
 
+def check_change(config: LLMConfig, change: dict[str, Any], running: bool = False
+                 ) -> Validation:
+    """The dry run of ``change`` on ``config``: the validate operation's answer, which the gRPC
+    session also gives its suggestions (against the config it read) without one call each."""
+    try:
+        changed = with_overrides(config, change)
+    except ValueError as exc:
+        return Validation(valid=False, path="change", problem=str(exc), rollout_running=running)
+    try:
+        validate(changed)
+    except InvalidConfig as exc:
+        return Validation(valid=False, path=f"change.{exc.path}", problem=exc.problem,
+                          rollout_running=running)
+    return Validation(valid=True, rollout_running=running, config=changed)
+
+
 async def _load(deps: Deps, doc_id: str) -> dict[str, Any]:
     try:
         doc = await deps.storage.call(s.DocGet(ns="optimizations", id=doc_id))
@@ -241,14 +257,4 @@ def install(table: RouteTable, deps: Deps) -> None:
         except ConfigNotFound as exc:
             raise not_found(str(exc)) from None
         running = body.service in await active_rollouts(deps)
-        try:
-            changed = with_overrides(config, body.change)
-        except ValueError as exc:
-            return Validation(valid=False, path="change", problem=str(exc),
-                              rollout_running=running)
-        try:
-            validate(changed)
-        except InvalidConfig as exc:
-            return Validation(valid=False, path=f"change.{exc.path}", problem=exc.problem,
-                              rollout_running=running)
-        return Validation(valid=True, rollout_running=running, config=changed)
+        return check_change(config, body.change, running)
