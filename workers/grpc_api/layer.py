@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from workers.grpc_api.interceptor import METHOD, REQUEST_ID, current_principal
 from workers.rest_api import audit
@@ -16,6 +16,10 @@ from workers.rest_api.problems import Problem
 
 
 log = logging.getLogger("workers.grpc_api")
+M = TypeVar("M")
+
+
+MAX_CONVERSIONS = 1024
 
 
 @dataclass
@@ -23,6 +27,9 @@ class ServiceLayer:
     deps: Deps
     operations: Operations
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # (id(result), converter) -> (result, message): see converted
+    conversions: dict[tuple[int, Callable[[Any], Any]], tuple[Any, Any]] = field(
+        default_factory=dict)
 
     def on_close(self, closer: Callable[[], Awaitable[None]]) -> None:
         """Something a servicer opened (an event-log producer) to close when the API stops."""
@@ -36,6 +43,21 @@ class ServiceLayer:
                 log.exception("closing %r failed", closer)
         await self.deps.link.close()
         await self.deps.storage.close()
+
+    def converted(self, result: Any, convert: Callable[[Any], M]) -> M:
+        """``convert(result)`` for a result the operations reuse (a cached read: the same object
+        for ``cache_ttl_s``), converted once rather than on every call. Results are not changed
+        once made, so one object always converts to the same message; the message is only
+        serialized by gRPC, never changed either."""
+        key = (id(result), convert)
+        hit = self.conversions.get(key)
+        if hit is not None and hit[0] is result:  # the object is kept, so its id is not reused
+            return hit[1]
+        message = convert(result)
+        if len(self.conversions) >= MAX_CONVERSIONS:
+            self.conversions.clear()
+        self.conversions[key] = (result, message)
+        return message
 
     async def call(self, operation_id: str, *, params: Mapping[str, str] | None = None,
                    query: Mapping[str, Any] | None = None, body: Any = None) -> Any:

@@ -33,6 +33,10 @@ class UnknownOperation(LookupError):
 class Operations:
     def __init__(self, table: RouteTable, cache: ResponseCache | None = None) -> None:
         self.routes: dict[str, Route] = {route.operation_id: route for route in table}
+        self.patterns: dict[str, list[tuple[str, re.Pattern[str]]]] = {
+            route.operation_id: [(name, re.compile(pattern))
+                                 for name, pattern in route.path_patterns.items()]
+            for route in table}
         self.cache = cache
 
     def route(self, operation_id: str) -> Route:
@@ -51,15 +55,17 @@ class Operations:
                 raise PermissionError(f"{operation_id} needs a caller")
             authorize(principal, route.role)
         params = dict(params or {})
-        for name, pattern in route.path_patterns.items():  # what the HTTP router checks
+        for name, pattern in self.patterns[operation_id]:  # what the HTTP router checks
             value = params.get(name, "")
-            if not re.fullmatch(pattern, value):
+            if not pattern.fullmatch(value):
                 raise Problem(422, "Unprocessable Content", f"{name} {value!r} does not match "
-                              f"{pattern}", path=name, type_suffix="invalid-input")
+                              f"{pattern.pattern}", path=name, type_suffix="invalid-input")
         reuse = self.cache if route.cached and route.method == "GET" else None
-        key = f"{operation_id} {sorted(params.items())} {sorted((query or {}).items())}"
-        if reuse is not None and (hit := reuse.get(key)) is not None:
-            return hit.body
+        key = ""
+        if reuse is not None:
+            key = f"{operation_id} {sorted(params.items())} {sorted((query or {}).items())}"
+            if (hit := reuse.get(key)) is not None:
+                return hit.body
         decoded_query = _convert(query or {}, route.query, "query") if route.query else None
         decoded_body = _convert(body, route.body, "body") if route.body is not None else None
         try:

@@ -147,7 +147,10 @@ class ConfigService(config_pb2_grpc.ConfigServiceServicer):
 
     async def GetConfig(self, request: config_pb2.GetConfigRequest,
                         context: grpc.aio.ServicerContext) -> config_pb2.LLMConfig:
-        return _config_message(await self._get(request.service, request.version))
+        config = await self._get(request.service, request.version)
+        if request.version:
+            return _config_message(config)
+        return self.layer.converted(config, _config_message)  # the current one is a cached read
 
     async def ListConfigs(self, request: config_pb2.ListConfigsRequest,
                           context: grpc.aio.ServicerContext) -> config_pb2.ListConfigsResponse:
@@ -219,7 +222,8 @@ class ConfigService(config_pb2_grpc.ConfigServiceServicer):
         found = await self.layer.call("resolve_config", params={"service": request.service},
                                       query={"key": request.key})
         return config_pb2.Resolution(service=found.service, version=found.version,
-                                     variant=found.variant, config=struct(found.config))
+                                     variant=found.variant,
+                                     config=self.layer.converted(found.config, struct))
 
     async def ExportConfigs(self, request: config_pb2.ExportConfigsRequest,
                             context: grpc.aio.ServicerContext) -> config_pb2.ConfigExport:

@@ -34,8 +34,10 @@ class Deps:
     link: ControlLink
     configs: ConfigManager
     api_keys: ApiKeyStore
-    # service -> (expiry, config): /resolve answers from here for cache_ttl_s
-    resolve_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
+    # service -> (expiry, config, variant -> its effective config): /resolve answers from here
+    # for cache_ttl_s
+    resolve_cache: dict[str, tuple[float, Any, dict[str, dict[str, Any]]]] = field(
+        default_factory=dict)
     closing: asyncio.Event = field(default_factory=asyncio.Event)  # ends the event streams
 
 

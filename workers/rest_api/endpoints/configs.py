@@ -254,17 +254,21 @@ def install(table: RouteTable, deps: Deps) -> None:
     async def resolve_config(call: Call) -> Resolution:
         """The variant and effective config a request key gets; sticky per key.
 
-        The config is reused for ``[rest_api] cache_ttl_s`` (1 s) per API process."""
+        The config, and each variant's effective config (made once, shared by the answers:
+        never changed), are reused for ``[rest_api] cache_ttl_s`` (1 s) per API process."""
         service = call.params["service"]
         hit = deps.resolve_cache.get(service)
         now = time.monotonic()
         if hit is None or hit[0] <= now:
-            hit = (now + deps.section.cache_ttl_s, await current(deps, service))
+            hit = (now + deps.section.cache_ttl_s, await current(deps, service), {})
             deps.resolve_cache[service] = hit
-        config: LLMConfig = hit[1]
+        _, config, by_variant = hit
         key = call.query.key
-        effective = effective_config(config, key)
-        effective.pop("variant")
-        return Resolution(service=service, version=config.version,
-                          variant=resolve_variant(config, key), config=effective)
+        variant = resolve_variant(config, key)
+        effective = by_variant.get(variant)
+        if effective is None:
+            effective = by_variant[variant] = effective_config(config, key)
+            effective.pop("variant")
+        return Resolution(service=service, version=config.version, variant=variant,
+                          config=effective)
 
