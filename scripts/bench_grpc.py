@@ -11,12 +11,18 @@ what the streams and the session read, then measures, with clients in several pr
    makes before each request; the REST benchmark's ``resolve``) and ``ConfigService.GetConfig``
    (the plain Get of the current config). Closed loop first (``--concurrency`` calls in flight
    per client process, spread over ``--channels`` HTTP/2 connections: the maximum), then open
-   loop at half that rate, latency counted from the *scheduled* send time;
+   loop at half that rate, latency counted from the *scheduled* send time; then the closed
+   loop again from h2load (nghttp2's C load generator, when installed: ``apt-get install
+   nghttp2-client``), whose calls' gRPC codes the server's metrics confirm;
 2. server streaming: ``OptimizationService.SubscribeOptimizationEvents`` replaying from
    ``since_offset=0`` an ``optimizer-events`` log pre-filled with ``--events`` records appended
    as the processor writes them (JSON ``{"type","id","time_ns","body"}``), one stream, then one
    stream per client process at once; events received per second, counted from the first
-   event to the last (the service sends one event per message);
+   event to the last. The service sends each log read's events in one message (a batch); the
+   client counts events, not messages, and reads every event of every message (its offset),
+   so it pays for decoding them all; the events per message are reported too. Each is
+   measured with bodies as ``Struct`` (the default) and as their JSON text
+   (``body_format=EVENT_BODY_FORMAT_JSON``);
 3. bidirectional: ``OptimizationService.OptimizationSession``; each client process opens
    ``--sessions`` sessions and keeps ``--window`` queries in flight on each (pipelined: a new
    query goes out as soon as one answer's ``complete`` arrives). Messages counted: every
@@ -38,9 +44,12 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import re
 import resource
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +57,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 from bench_daemon import create_key, free_port, http, percentile, running
 
 from ipc import storage as s
@@ -61,8 +71,22 @@ ROLES = ("grpc_api", "rest_api", "storage", "processor", "collector")
 
 
 class Daemon:
-    def __init__(self, proc: subprocess.Popen, base: str, target: str, runtime: str) -> None:
+    def __init__(self, proc: subprocess.Popen, base: str, target: str, runtime: str,
+                 admin: str) -> None:
         self.proc, self.base, self.target, self.runtime = proc, base, target, runtime
+        self.admin = admin  # the supervisor's /metrics, summed over the processes
+
+    def rpcs(self, method: str) -> dict[str, float]:
+        """grpc_api_rpcs for ``method`` by status code, now."""
+        status, body = http("GET", self.admin + "/metrics")
+        if status != 200:
+            raise SystemExit(f"GET /metrics answered {status}")
+        found: dict[str, float] = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                if sample.name == "grpc_api_rpcs_total" and sample.labels["method"] == method:
+                    found[sample.labels["code"]] = sample.value
+        return found
 
     def processes(self) -> dict[str, list[psutil.Process]]:
         """The daemon's processes by role (their titles are ``optimizerd: <service>...``)."""
@@ -138,8 +162,10 @@ def daemon(processes: int) -> Iterator[Daemon]:
     ``processes`` gRPC API processes in a temp dir; killed at the end."""
     listen, grpc_listen = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     base = f"http://{listen}"
+    admin: list[str] = []  # the supervisor's admin URL, from the config
 
     def configure(doc: dict) -> Callable[[], bool]:
+        admin.append(f"http://{doc['admin']['listen']}")
         # the gRPC API shares the REST API's rate limit: raised out of the way
         doc["rest_api"] = {"listen": listen, "processes": 1,
                            "rate_limit_per_s": 10_000_000.0, "rate_limit_burst": 10_000_000,
@@ -149,7 +175,7 @@ def daemon(processes: int) -> Iterator[Daemon]:
         return lambda: http("GET", base + "/ready")[0] == 200 and _grpc_listening(grpc_listen)
 
     with running("bench-grpc-", configure) as (proc, runtime):
-        d = Daemon(proc, base, grpc_listen, runtime)
+        d = Daemon(proc, base, grpc_listen, runtime, admin[0])
         deadline = time.monotonic() + 60
         while len(d.processes().get("grpc_api", [])) < processes:
             if time.monotonic() > deadline:
@@ -280,8 +306,10 @@ async def _unary(target: str, key: str, method: str, channels: int, conc: int, s
             "cpu_s": cpu, "wall_s": wall, "t0": t0, "t1": t1}
 
 
-async def _stream(target: str, key: str, seconds: float, expect: int) -> dict:
-    """Replay the events log from offset 0; count events until ``expect`` or ``seconds``."""
+async def _stream(target: str, key: str, seconds: float, expect: int, body_format: str
+                  ) -> dict:
+    """Replay the events log from offset 0 with bodies as ``body_format`` ("struct" or
+    "json"); count events until ``expect`` or ``seconds``."""
     import grpc
 
     from protos.llm_optimizer.v1 import optimization_pb2 as pb
@@ -291,25 +319,31 @@ async def _stream(target: str, key: str, seconds: float, expect: int) -> dict:
     stub = optimization_pb2_grpc.OptimizationServiceStub(channel)
     await channel.channel_ready()
     cpu0, t0, started = _cpu_seconds(), time.time(), time.perf_counter()
-    call = stub.SubscribeOptimizationEvents(pb.SubscribeOptimizationEventsRequest(since_offset=0),
-                                            metadata=md)
-    count, first, last, stop = 0, 0.0, 0.0, started + seconds
+    call = stub.SubscribeOptimizationEvents(pb.SubscribeOptimizationEventsRequest(
+        since_offset=0, body_format=pb.EventBodyFormat.Value(
+            f"EVENT_BODY_FORMAT_{body_format.upper()}")), metadata=md)
+    count, messages, offset, first, last = 0, 0, -1, 0.0, 0.0
+    stop = started + seconds
     try:
-        async for _event in call:
-            count += 1
-            if count == 1:
+        async for message in call:
+            for event in message.events:  # every event decoded and looked at
+                if event.offset <= offset:
+                    raise RuntimeError(f"offset {event.offset} after {offset}")
+                offset = event.offset
+            count += len(message.events)
+            messages += 1
+            if messages == 1:
                 first = time.perf_counter()
-            if count >= expect:
-                break
-            if count % 512 == 0 and time.perf_counter() > stop:
+            if count >= expect or time.perf_counter() > stop:
                 break
         last = time.perf_counter()
     finally:
         call.cancel()
     cpu = _cpu_seconds() - cpu0
     await channel.close()
-    return {"events": count, "first_s": first - started, "span_s": last - first,
-            "cpu_s": cpu, "wall_s": last - started, "t0": t0, "t1": time.time()}
+    return {"events": count, "messages": messages, "first_s": first - started,
+            "span_s": last - first, "cpu_s": cpu, "wall_s": last - started, "t0": t0,
+            "t1": time.time()}
 
 
 async def _session(target: str, key: str, sessions: int, window: int, seconds: float,
@@ -416,6 +450,51 @@ def loadavg() -> str:
 
 # --- the measurements --------------------------------------------------------------------------
 
+def h2load_unary(d: Daemon, key: str, method: str, opts: argparse.Namespace) -> dict:
+    """Closed loop from h2load, nghttp2's HTTP/2 load generator in C, with as many calls in
+    flight as the Python clients over ``--h2load-connections`` connections (enough for
+    SO_REUSEPORT to spread them evenly over the processes): it needs a fraction of the Python
+    clients' CPU, which leaves the server more of the 2 cores. It repeats one request
+    (ResolveConfig: one key; resolving
+    costs the same for any key) and sees HTTP only (every gRPC answer is HTTP 200), so the calls'
+    gRPC status codes are read from the server's ``grpc_api_rpcs`` counter around the run."""
+    from protos.llm_optimizer.v1 import config_pb2
+    full = f"/llm_optimizer.v1.ConfigService/{method}"
+    request = (config_pb2.ResolveConfigRequest(service=SERVICE, key="user-1")
+               if method == "ResolveConfig" else config_pb2.GetConfigRequest(service=SERVICE))
+    encoded = request.SerializeToString()
+    warm_up = 1.0
+    with tempfile.NamedTemporaryFile(suffix=".grpc") as body:
+        body.write(b"\0" + len(encoded).to_bytes(4, "big") + encoded)  # one gRPC frame
+        body.flush()
+        before = d.rpcs(full)
+        cpu = CpuWindow(d)
+        cpu.start()
+        children0, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+        out = subprocess.run(
+            ["h2load", f"--warm-up-time={warm_up:g}", "-D", f"{opts.seconds:g}", "-t", "1",
+             "-c", str(opts.h2load_connections),
+             "-m", str(max(opts.clients * opts.concurrency // opts.h2load_connections, 1)),
+             "-d", body.name,
+             "-H", "content-type: application/grpc", "-H", "te: trailers",
+             "-H", f"authorization: Bearer {key}", f"http://{d.target}{full}"],
+            capture_output=True, text=True, timeout=opts.seconds + 60)
+        ended, children1 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        server = cpu.stop(started + warm_up, ended)
+        after = d.rpcs(full)
+    finished = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", out.stdout)
+    counts = re.search(r"(\d+) succeeded, (\d+) failed, (\d+) errored", out.stdout)
+    if out.returncode != 0 or finished is None or counts is None:
+        raise SystemExit(f"h2load failed ({out.returncode}): {out.stderr[-500:]}")
+    codes = {code: int(after.get(code, 0) - before.get(code, 0)) for code in after}
+    client_cpu = (children1.ru_utime + children1.ru_stime - children0.ru_utime
+                  - children0.ru_stime) / (ended - started)
+    return {"h2load_rps": float(finished.group(2)), "h2load_ok": int(counts.group(1)),
+            "h2load_http_failed": int(counts.group(2)) + int(counts.group(3)),
+            "h2load_server_codes": {code: n for code, n in codes.items() if n},
+            "h2load_server_cpu": server, "h2load_client_cpu": round(100 * client_cpu, 1)}
+
+
 def bench_unary(d: Daemon, key: str, method: str, opts: argparse.Namespace) -> dict:
     row: dict = {"processes": opts.current, "measure": "unary", "method": method}
     for mode in ("closed", "open"):
@@ -450,24 +529,38 @@ def bench_unary(d: Daemon, key: str, method: str, opts: argparse.Namespace) -> d
           flush=True)
     print(f"    closed loop {fmt_cpu(row['closed_server_cpu'], row['closed_client_cpu'])}",
           flush=True)
+    if shutil.which("h2load") is None:
+        print("    h2load is not installed (apt-get install nghttp2-client): no C-client figure",
+              flush=True)
+        return row
+    row.update(h2load_unary(d, key, method, opts))
+    print(f"    h2load closed loop {row['h2load_rps']:8.0f} calls/s ({row['h2load_ok']} answered "
+          f"HTTP 200, {row['h2load_http_failed']} not; gRPC codes counted by the server, "
+          f"warm-up included: {row['h2load_server_codes']}); "
+          f"{fmt_cpu(row['h2load_server_cpu'], row['h2load_client_cpu'])}", flush=True)
     return row
 
 
-def bench_stream(d: Daemon, key: str, streams: int, opts: argparse.Namespace) -> dict:
+def bench_stream(d: Daemon, key: str, streams: int, body_format: str,
+                 opts: argparse.Namespace) -> dict:
     cpu = CpuWindow(d)
     cpu.start()
-    results, _ = run_clients("stream", [(d.target, key, opts.seconds, opts.events)
+    results, _ = run_clients("stream", [(d.target, key, opts.seconds, opts.events, body_format)
                                         for _ in range(streams)], opts.seconds)
     server = cpu.stop(*window(results))
     per_stream = [r["events"] / r["span_s"] if r["span_s"] > 0 else 0.0 for r in results]
     row = {"processes": opts.current, "measure": "stream", "streams": streams,
+           "body_format": body_format,
            "events": sum(r["events"] for r in results),
+           "messages": sum(r["messages"] for r in results),
            "events_per_s": sum(per_stream), "per_stream": [round(x) for x in per_stream],
            "first_event_ms": max(r["first_s"] for r in results) * 1e3,
            "server_cpu": server,
            "client_cpu": round(sum(100 * r["cpu_s"] / r["wall_s"] for r in results), 1)}
-    print(f"grpc_api processes={opts.current} stream x{streams}: {row['events_per_s']:8.0f} "
-          f"events/s ({row['events']} events, one per message; per stream "
+    print(f"grpc_api processes={opts.current} stream x{streams}, {body_format} bodies: "
+          f"{row['events_per_s']:8.0f} "
+          f"events/s ({row['events']} events in {row['messages']} messages, "
+          f"{row['events'] / max(row['messages'], 1):.0f} per message; per stream "
           f"{row['per_stream']}; first after {row['first_event_ms']:.0f} ms)", flush=True)
     print(f"    {fmt_cpu(server, row['client_cpu'])}", flush=True)
     return row
@@ -519,7 +612,8 @@ def bench(processes: int, opts: argparse.Namespace) -> list[dict]:
             rows.append(bench_unary(d, key, method, opts))
         if "stream" in opts.only:
             for streams in sorted({1, opts.clients}):
-                rows.append(bench_stream(d, key, streams, opts))
+                for body_format in opts.body_formats:
+                    rows.append(bench_stream(d, key, streams, body_format, opts))
         if "session" in opts.only:
             rows.append(bench_session(d, key, opts))
     return rows
@@ -535,10 +629,16 @@ def main() -> None:
                         help="unary: HTTP/2 connections per client process")
     parser.add_argument("--concurrency", type=int, default=64,
                         help="unary: calls in flight per client process")
+    parser.add_argument("--h2load-connections", type=int, default=32,
+                        help="unary, h2load: HTTP/2 connections (calls in flight as the Python "
+                             "clients': --clients x --concurrency)")
     parser.add_argument("--unary", nargs="*", default=["ResolveConfig", "GetConfig"],
                         choices=["ResolveConfig", "GetConfig"], help="unary RPCs to measure")
     parser.add_argument("--events", type=int, default=200_000,
                         help="stream: records pre-filled in the optimizer-events log")
+    parser.add_argument("--body-formats", nargs="+", default=["struct", "json"],
+                        choices=["struct", "json"],
+                        help="stream: event bodies as Structs and/or as their JSON text")
     parser.add_argument("--sessions", type=int, default=4,
                         help="bidirectional: sessions per client process")
     parser.add_argument("--window", type=int, default=8,
