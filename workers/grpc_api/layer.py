@@ -1,5 +1,5 @@
 """What the gRPC servicers share: the service layer (the REST route table's operations, called by
-operation id with the caller the interceptor authenticated), the connections, and the audit
+operation id with the caller the call guard authenticated), the connections, and the audit
 trail of state-changing calls."""
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ class ConfigService(config_pb2_grpc.ConfigServiceServicer):
         """The caller may call ``operation_id``: checked before work that does not go through
         the operation (reading the log) or comes before it (a batch's checks)."""
         principal = current_principal()
-        if principal is None:  # the interceptor sets one for every non-public RPC
+        if principal is None:  # the call guard sets one for every non-public RPC
             raise PermissionError(f"{operation_id} needs a caller")
         role = self.layer.operations.route(operation_id).role
         if role is not None:

@@ -1,6 +1,6 @@
 """HealthService (protos/llm_optimizer/v1/health.proto): the supervisor's status document
 (``optimizerctl status --json``, supervisor/status.py) as health messages. Public: the
-interceptor asks no credential for it, and it reads the supervisor, not the operations.
+call guard asks no credential for it, and it reads the supervisor, not the operations.
 
 A component is HEALTHY when READY and reporting health "ok", UNHEALTHY when STOPPED or FAILED,
 DEGRADED otherwise (starting, stopping, in backoff, or ready with another health); the overall
