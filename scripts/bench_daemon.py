@@ -64,12 +64,14 @@ def running(prefix: str, configure: Callable[[dict[str, Any]], Callable[[], bool
             ) -> Iterator[tuple[subprocess.Popen, str]]:
     """optimizerd on ``base_config`` as ``configure`` completes it (it returns the check that
     says the daemon is ready for the benchmark); yields (process, runtime dir), and kills the
-    daemon's whole session at the end, whatever happens."""
+    daemon's whole session at the end, whatever happens: a SIGTERM to the benchmark (which
+    would end it without unwinding) becomes SystemExit while the daemon runs."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     doc = base_config(workdir)
     ready = configure(doc)
     (workdir / "optimizer.toml").write_text(tomli_w.dumps(doc))
     log = open(workdir / "daemon.log", "w")
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     proc = subprocess.Popen([OPTIMIZERD, "start", "-c", str(workdir / "optimizer.toml")],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
@@ -93,6 +95,11 @@ def running(prefix: str, configure: Callable[[dict[str, Any]], Callable[[], bool
             proc.wait()
         log.close()
         shutil.rmtree(workdir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
 
 
 def create_key(runtime: str, role: str) -> str:
