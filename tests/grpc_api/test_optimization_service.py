@@ -446,6 +446,17 @@ def test_stream_batches_a_read_and_sends_a_live_append_alone_at_once(grpc_daemon
     finally:
         capped.cancel()
     assert sizes == [2, 2, 2]
+    # bodies as the log's JSON text, on request
+    as_json = stub.SubscribeOptimizationEvents(pb.SubscribeOptimizationEventsRequest(
+        service="g-batch", since_offset=offsets[0], body_format=pb.EVENT_BODY_FORMAT_JSON),
+        metadata=d.auth("viewer"), timeout=60)
+    try:
+        events = next(as_json).events
+    finally:
+        as_json.cancel()
+    assert [e.offset for e in events] == [*offsets, offset]
+    assert {e.WhichOneof("payload") for e in events} == {"body_json"}
+    assert json.loads(events[3].body_json) == {"service": "g-batch", "n": 3, "tags": ["a", 3]}
 
 
 def test_batch_create_reports_the_bad_item_and_creates_the_rest(grpc_daemon, stub):
