@@ -245,18 +245,23 @@ def test_canary_page_shows_stages_and_the_verdict(open_page, daemon, tmp_path):
     expect(page.locator("#verdicts-table tbody tr").last).to_contain_text("fail")
 
 
+def finding_chart(page, expression: str):
+    """``expression`` of the finding's chart, read in one step once the chart exists: a live
+    update redraws the view, and its new canvas gets the chart (and the id) a tick later."""
+    return page.wait_for_function(
+        "() => { const chart = Chart.getChart(document.querySelector('#finding-chart'));"
+        f" return chart === undefined ? null : {expression}; }}").json_value()
+
+
 def test_findings_are_marked_on_their_series(open_page, tmp_path):
     page = open_page("viewer", "#/findings")
     expect(page.locator("#findings-table tbody tr")).not_to_have_count(0)
     page.get_by_role("link", name="p95 latency up").first.click()
     expect(page.locator("#finding-title")).to_contain_text("p95 latency up")
     expect(page.locator("#finding-chart")).to_be_visible()
-    marks = page.evaluate("() => Chart.getChart(document.querySelector('#finding-chart'))"
-                          ".options.plugins.markers.marks.map((m) => m.label)")
+    marks = finding_chart(page, "chart.options.plugins.markers.marks.map((m) => m.label)")
     assert "detected" in marks
-    points = page.evaluate("() => Chart.getChart(document.querySelector('#finding-chart'))"
-                           ".data.datasets[0].data.length")
-    assert points > 10
+    assert finding_chart(page, "chart.data.datasets[0].data.length") > 10
     shoot(page, "findings", tmp_path)
 
 
