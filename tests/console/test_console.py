@@ -193,19 +193,18 @@ def test_overview_lists_six_ready_services_and_draws_spend(open_page, tmp_path):
             "ready")
     expect(page.locator("#events-rate")).to_have_text(re.compile(r"^[0-9][0-9,.]*/s$"))
     expect(page.locator("#spend-chart")).to_be_visible()
-    drawn = page.evaluate("""() => {
-        const chart = Chart.getChart(document.querySelector('#spend-chart'));
-        return chart.data.datasets.flatMap((d) => d.data).filter((v) => v > 0).length;
-    }""")
+    drawn = chart_value(page, "#spend-chart", "chart.data.datasets.flatMap((d) => d.data)"
+                        ".filter((v) => v > 0).length")
     assert drawn > 0
-    models = page.evaluate("() => Chart.getChart(document.querySelector('#spend-chart'))"
-                           ".data.datasets.map((d) => d.label)")
+    models = chart_value(page, "#spend-chart", "chart.data.datasets.map((d) => d.label)")
     assert {"gpt-4o", "gpt-4o-mini"} <= set(models)
     page.get_by_role("radio", name="service", exact=True).check()  # stacked by service now
     expect(page.locator("#spend-chart")).to_be_visible()
-    services = page.evaluate("() => Chart.getChart(document.querySelector('#spend-chart'))"
-                             ".data.datasets.map((d) => d.label)")
-    assert {"support-bot", "faq-bot", "writer"} <= set(services)
+    wanted = {"support-bot", "faq-bot", "writer"}
+    services = chart_value(page, "#spend-chart",  # the redraw by service
+                           f"(labels => {sorted(wanted)!r}.every((s) => labels.includes(s)) "
+                           "&& labels)(chart.data.datasets.map((d) => d.label))")
+    assert wanted <= set(services)
     page.get_by_role("radio", name="model", exact=True).check()
     expect(page.locator("#spend-week")).not_to_have_text("$0.00")  # today: after midnight?
     shoot(page, "overview", tmp_path)
@@ -232,8 +231,12 @@ def test_canary_page_shows_stages_and_the_verdict(open_page, daemon, tmp_path):
     expect(verdicts).to_have_count(len(rollout["transitions"]) - 1)
     expect(verdicts.last).to_contain_text("pass")
     expect(page.locator("#canary-charts canvas")).to_have_count(4)
-    canary_points = page.evaluate("""() => [...document.querySelectorAll('#canary-charts canvas')]
-        .map((c) => Chart.getChart(c).data.datasets[1].data.length)""")
+    canary_points = page.wait_for_function("""() => {
+        const charts = [...document.querySelectorAll('#canary-charts canvas')]
+            .map((canvas) => Chart.getChart(canvas));
+        return charts.every((c) => c !== undefined)
+            && charts.map((c) => c.data.datasets[1].data.length);
+    }""").json_value()
     assert all(n > 0 for n in canary_points), canary_points
     shoot(page, "canary", tmp_path)
     # the writer's bad canary: rolled back, with the judge's fail
@@ -245,11 +248,12 @@ def test_canary_page_shows_stages_and_the_verdict(open_page, daemon, tmp_path):
     expect(page.locator("#verdicts-table tbody tr").last).to_contain_text("fail")
 
 
-def finding_chart(page, expression: str):
-    """``expression`` of the finding's chart, read in one step once the chart exists: a live
-    update redraws the view, and its new canvas gets the chart (and the id) a tick later."""
+def chart_value(page, selector: str, expression: str):
+    """``expression`` of the chart drawn on ``selector``'s canvas, read in one step once the
+    chart exists and the value is not empty (0, "" or null): a live update redraws a view, and
+    its new canvas gets its chart (and its id) a tick later."""
     return page.wait_for_function(
-        "() => { const chart = Chart.getChart(document.querySelector('#finding-chart'));"
+        f"() => {{ const chart = Chart.getChart(document.querySelector({selector!r}));"
         f" return chart === undefined ? null : {expression}; }}").json_value()
 
 
@@ -259,9 +263,10 @@ def test_findings_are_marked_on_their_series(open_page, tmp_path):
     page.get_by_role("link", name="p95 latency up").first.click()
     expect(page.locator("#finding-title")).to_contain_text("p95 latency up")
     expect(page.locator("#finding-chart")).to_be_visible()
-    marks = finding_chart(page, "chart.options.plugins.markers.marks.map((m) => m.label)")
+    marks = chart_value(page, "#finding-chart",
+                        "chart.options.plugins.markers.marks.map((m) => m.label)")
     assert "detected" in marks
-    assert finding_chart(page, "chart.data.datasets[0].data.length") > 10
+    assert chart_value(page, "#finding-chart", "chart.data.datasets[0].data.length") > 10
     shoot(page, "findings", tmp_path)
 
 
