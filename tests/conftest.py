@@ -151,6 +151,15 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
+def post_events(url: str, events: list[dict[str, Any]]) -> None:
+    """POST a JSON batch to the collector's ``/v1/events`` at ``url``; every event accepted."""
+    request = urllib.request.Request(url, method="POST",
+                                     data=json.dumps({"events": events}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert json.loads(answer.read())["accepted"] == len(events)
+
+
 @pytest.fixture(scope="module")
 def redis_url():
     """A throwaway redis-server on a free port, for the module; missing: a skip, or a failure

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, wait_until
+from tests.conftest import Daemon, post_events, wait_until
 from tests.rest_api.test_endpoints import Api, create_key
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -302,7 +302,8 @@ def test_page_updates_when_a_new_optimization_arrives(open_page, daemon, tmp_pat
                body={"expected_version": 0, "config": {"model": "gpt-4o"}})[0] == 201
     start = time.time() - (SHIFT_MIN - 4) * 60  # after the simulated traffic, in the past
     for minute in range(24):
-        post_events(daemon, repeated_calls("console-cache", start + 60 * minute, 300, minute))
+        post_events(daemon.collector,
+                    repeated_calls("console-cache", start + 60 * minute, 300, minute))
     wait_until(lambda: api("GET", "/v1/optimizations?service=console-cache",
                            key=op)[2]["items"], 120,
                message=lambda: "no proposal for console-cache: processor "
@@ -371,10 +372,3 @@ def repeated_calls(service: str, start: float, per_minute: int, seed: int) -> li
              "quality": min(1.0, max(0.0, rng.gauss(0.8, 0.05))),
              "prompt_fingerprint": f"fp-{rng.randrange(5)}"} for i in range(per_minute)]
 
-
-def post_events(daemon, events: list[dict]) -> None:
-    request = urllib.request.Request(daemon.collector, method="POST",
-                                     data=json.dumps({"events": events}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        assert json.loads(answer.read())["accepted"] == len(events)

@@ -24,7 +24,7 @@ from grpc_status import rpc_status
 
 from ipc import storage as s
 from protos.llm_optimizer.v1 import common_pb2, metrics_pb2, metrics_pb2_grpc
-from tests.conftest import wait_until
+from tests.conftest import post_events, wait_until
 from workers.storage_client import SyncStorageClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -38,14 +38,6 @@ def rest(daemon, path: str, **query: Any) -> Any:
         "Authorization": f"Bearer {daemon.keys['viewer']}"})
     with urllib.request.urlopen(request, timeout=30) as answer:
         return json.loads(answer.read())
-
-
-def post_events(daemon, events: list[dict]) -> None:
-    request = urllib.request.Request(daemon.collector, method="POST",
-                                     data=json.dumps({"events": events}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        assert json.loads(answer.read())["accepted"] == len(events)
 
 
 def calls(service: str, start: float, count: int, step: float = 2.0) -> list[dict]:
@@ -134,7 +126,7 @@ def test_reads_match_rest_and_page(grpc_daemon):
     viewer = grpc_daemon.auth("viewer")
     service, client = "grpc-met", stub(grpc_daemon)
     start = T0 + 3600
-    post_events(grpc_daemon, calls(service, start, 150))  # 300 s of event time
+    post_events(grpc_daemon.collector, calls(service, start, 150))  # 300 s of event time
 
     def windows() -> list:
         return rest(grpc_daemon, "/v1/metrics/windows", service=service)["series"]
@@ -310,7 +302,7 @@ def test_subscribe_alerts_replays_and_filters(grpc_daemon):
 def test_subscribe_metrics_and_cost_send_new_windows(grpc_daemon):
     viewer = grpc_daemon.auth("viewer")
     service, start = "grpc-live", T0 + 7200
-    post_events(grpc_daemon, calls(service, start, 60))  # 120 s: the first window closes
+    post_events(grpc_daemon.collector, calls(service, start, 60))  # 120 s: the first window closes
     wait_until(lambda: rest(grpc_daemon, "/v1/metrics/windows", service=service)["series"],
                30, interval=0.3, message="no window closed")
 
@@ -329,7 +321,7 @@ def test_subscribe_metrics_and_cost_send_new_windows(grpc_daemon):
             while pending:
                 later = [dict(e, event_id=f"{service}-later-{batch}-{i}") for i, e in
                          enumerate(calls(service, start + 120 + 180 * batch, 90))]
-                await asyncio.to_thread(post_events, grpc_daemon, later)
+                await asyncio.to_thread(post_events, grpc_daemon.collector, later)
                 batch += 1
                 _, pending = await asyncio.wait(pending, timeout=3.0)
             got = [first_update.result(), first_cost.result()]

@@ -28,7 +28,7 @@ from ipc import storage as s
 from protos.llm_optimizer.v1 import integrations_pb2 as I
 from protos.llm_optimizer.v1 import integrations_pb2_grpc, optimization_pb2_grpc
 from protos.llm_optimizer.v1 import optimization_pb2 as O
-from tests.conftest import Daemon, free_port, wait_until
+from tests.conftest import Daemon, free_port, post_events, wait_until
 from workers.grpc_api.convert import struct
 from workers.integrations.webhook import verify_signature
 from workers.storage_client import SyncStorageClient
@@ -181,14 +181,6 @@ def setup() -> Iterator[tuple[Daemon, Receivers, Api]]:
         receivers.close()
 
 
-def post_events(d: Daemon, events: list[dict[str, Any]]) -> None:
-    request = urllib.request.Request(f"http://{d.doc['collector']['listen']}/v1/events",
-                                     data=json.dumps({"events": events}).encode(),
-                                     method="POST", headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        assert json.loads(answer.read())["accepted"] == len(events)
-
-
 def finding(ident: str, severity: str = "critical") -> bytes:
     """An optimizer-events record as the processor appends it for a new finding."""
     return json.dumps({"type": "finding", "id": ident, "time_ns": T0 * 10**9, "body": {
@@ -226,7 +218,7 @@ def test_a_rollback_decided_by_the_judge_reaches_slack_and_jira(setup):
                           "output_tokens": 100, "latency_ms": 600.0,
                           **({"variant": "canary"} if canary else {}),
                           "status": "error" if canary and rng.random() < 0.4 else "ok"})
-        post_events(d, batch)
+        post_events(f"http://{d.doc['collector']['listen']}/v1/events", batch)
         if any("Rolled back" in m["text"] for m in receivers.slack):
             break
     message = wait_until(lambda: next((m for m in receivers.slack

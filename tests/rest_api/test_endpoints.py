@@ -18,7 +18,7 @@ import jwt as pyjwt
 import pytest
 from openapi_spec_validator import validate
 
-from tests.conftest import Daemon, http_get, wait_until
+from tests.conftest import Daemon, http_get, post_events, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -441,14 +441,6 @@ def test_experiment_streams_config_and_rollout_events_and_blocks_config_writes(d
 T0 = 1_795_600_800
 
 
-def post_events(daemon, events: list[dict]) -> None:
-    request = urllib.request.Request(daemon.collector, method="POST",
-                                     data=json.dumps({"events": events}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        assert json.loads(answer.read())["accepted"] == len(events)
-
-
 def test_findings_filters_and_pagination(daemon):
     api, viewer = daemon.api, daemon.keys["viewer"]
     for i in range(6):
@@ -480,7 +472,7 @@ def test_events_windows_and_summary(daemon):
                "model": "gpt-4o" if i % 2 else "gpt-4o-mini", "input_tokens": 100,
                "output_tokens": 10, "latency_ms": 100.0 + i, "quality": 0.8}
               for i in range(150)]  # 300 s of event time: windows close
-    post_events(daemon, events)
+    post_events(daemon.collector, events)
     status, _, page = api("GET", "/v1/events?service=met-svc&model=gpt-4o&limit=20",
                           key=viewer)
     assert status == 200 and len(page["items"]) == 20
@@ -621,7 +613,7 @@ def test_proposal_deploy_promotion_stream_and_rollback(daemon):
     t1 = T0 + 7200
     assert put_config(daemon, "cache-svc", "gpt-4o")[0] == 201
     for minute in range(12):
-        post_events(daemon, calls("cache-svc", t1 + 60 * minute, 1, 100, minute))
+        post_events(daemon.collector, calls("cache-svc", t1 + 60 * minute, 1, 100, minute))
 
     def proposal_of_service() -> list:
         page = api("GET", "/v1/optimizations?service=cache-svc&strategy=caching", key=viewer)
@@ -647,7 +639,7 @@ def test_proposal_deploy_promotion_stream_and_rollback(daemon):
     assert detail["rollouts"][0]["transitions"][0]["kind"] == "started"
     # identical traffic on both sides: each stage passes, the change is promoted
     for minute in range(12, 22):
-        post_events(daemon, calls("cache-svc", t1 + 60 * minute, 1, 100, minute, 0.5))
+        post_events(daemon.collector, calls("cache-svc", t1 + 60 * minute, 1, 100, minute, 0.5))
         if not reader.is_alive():
             break
     reader.join(40)
