@@ -13,8 +13,6 @@ import queue
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +23,7 @@ from google.protobuf import json_format, struct_pb2
 from ipc import storage as s
 from protos.llm_optimizer.v1 import (config_pb2, config_pb2_grpc, optimization_pb2,
                                      optimization_pb2_grpc)
-from tests.conftest import wait_until
+from tests.conftest import post_events, wait_until
 
 from .conftest import GrpcDaemon, failure, start_daemon, violations
 from workers.storage_client import SyncStorageClient
@@ -36,7 +34,6 @@ T0 = 1_795_600_800
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
 
 
 def put_config(d, service: str, model: str = "gpt-4o", **sections: Any) -> dict[str, Any]:
@@ -82,10 +79,6 @@ def value(v: Any) -> struct_pb2.Value:
 
 def change(parameter: str, new: Any, kind: int = pb.CHANGE_TYPE_UPDATE) -> pb.ConfigurationChange:
     return pb.ConfigurationChange(parameter=parameter, new_value=value(new), change_type=kind)
-
-
-
-
 
 
 def plain(message) -> Any:
@@ -605,6 +598,20 @@ def test_session_inputs_are_read_once_per_ttl_and_again_after_a_write():
             assert [x.optimization_id for x in fresh] == [doc_id(400), doc_id(401)]
             assert [(c.parameter, plain(c.old_value)) for c in fresh[0].changes] == [
                 ("model", "gpt-4.1")]
+            # GetConfig is a cached read too: a change through the REST process is not seen
+            # within the TTL, a write through this one is, at once
+            configs = config_pb2_grpc.ConfigServiceStub(channel)
+            get = config_pb2.GetConfigRequest(service="g-snap")
+            assert configs.GetConfig(get, metadata=d.auth("viewer")).version == 2
+            status, body = d.rest("PUT", "/v1/config/g-snap", "operator",
+                                  {"expected_version": 2, "config": {"model": "gpt-4o"}})
+            assert status == 200, body
+            assert configs.GetConfig(get, metadata=d.auth("viewer")).version == 2
+            configs.UpdateConfig(config_pb2.UpdateConfigRequest(
+                service="g-snap", expected_version=3,
+                config=config_pb2.ConfigContent(model="gpt-4o-mini")), metadata=d.auth("operator"))
+            current = configs.GetConfig(get, metadata=d.auth("viewer"))
+            assert (current.version, current.content.model) == (4, "gpt-4o-mini")
         finally:
             session.close()
     finally:
@@ -612,13 +619,6 @@ def test_session_inputs_are_read_once_per_ttl_and_again_after_a_write():
 
 
 # --- a real proposal, suggested, deployed from a session, rolled back (last: moves event time) -
-
-def post_events(d, events_: list[dict]) -> None:
-    request = urllib.request.Request(d.collector, method="POST",
-                                     data=json.dumps({"events": events_}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        assert json.loads(answer.read())["accepted"] == len(events_)
 
 
 def calls(service: str, start: float, per_minute: int, seed_: int) -> list[dict]:
@@ -636,7 +636,7 @@ def test_session_deploys_a_real_proposal_then_rollback_aborts_it(grpc_daemon, st
     put_config(d, "g-cache", "gpt-4o")
     t1 = T0 + 7200
     for minute in range(12):  # repeated prompts: the caching strategy proposes a cache
-        post_events(d, calls("g-cache", t1 + 60 * minute, 100, minute))
+        post_events(d.collector, calls("g-cache", t1 + 60 * minute, 100, minute))
 
     def proposed() -> list:
         return list(stub.ListOptimizations(pb.ListOptimizationsRequest(
