@@ -2,6 +2,7 @@
 always killed at the end, an API key, plain HTTP calls and percentiles."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -100,6 +101,18 @@ def running(prefix: str, configure: Callable[[dict[str, Any]], Callable[[], bool
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(f"stopped by signal {signum}")
+
+
+def argument_parser(description: str, service: str) -> argparse.ArgumentParser:
+    """The options every API benchmark takes: the ``[service] processes`` to try, the seconds
+    per measurement, the client processes, and a file for the rows as JSON."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
+                        help=f"[{service}] processes to try (default: 1 2)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--json", help="also write the rows to this file")
+    return parser
 
 
 def create_key(runtime: str, role: str) -> str:

@@ -58,7 +58,8 @@ from pathlib import Path
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
-from bench_daemon import create_key, free_port, http, percentile, running
+from bench_daemon import (argument_parser, create_key, free_port, http, percentile,
+                          running)
 
 from ipc import storage as s
 from workers.processor.outputs import EVENTS_LOG, PROPOSALS_NS, doc_id
@@ -420,23 +421,30 @@ def _client(kind: str, args: tuple, out: mp.Queue) -> None:
         out.put(("error", repr(exc)))
 
 
-def run_clients(kind: str, arglists: list[tuple], seconds: float) -> tuple[list[dict], float]:
+def run_clients(kind: str, arglists: list[tuple], seconds: float) -> list[dict]:
     """The results of one client process per argument tuple (spawned: no gRPC state is
-    inherited), and the wall time."""
+    inherited)."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()
     procs = [ctx.Process(target=_client, args=(kind, a, out), daemon=True) for a in arglists]
-    started = time.perf_counter()
     for p in procs:
         p.start()
     results = [out.get(timeout=seconds + 180) for _ in procs]
-    wall = time.perf_counter() - started
     for p in procs:
         p.join(10)
     for status, value in results:
         if status != "ok":
             raise SystemExit(f"a {kind} client failed: {value}")
-    return [value for _, value in results], wall
+    return [value for _, value in results]
+
+
+def measure(d: Daemon, kind: str, arglists: list[tuple], seconds: float
+            ) -> tuple[list[dict], dict[str, float]]:
+    """The clients' results, and the CPU the daemon used while all of them were measuring."""
+    cpu = CpuWindow(d)
+    cpu.start()
+    results = run_clients(kind, arglists, seconds)
+    return results, cpu.stop(*window(results))
 
 
 def window(results: list[dict]) -> tuple[float, float]:
@@ -499,12 +507,9 @@ def bench_unary(d: Daemon, key: str, method: str, opts: argparse.Namespace) -> d
     row: dict = {"processes": opts.current, "measure": "unary", "method": method}
     for mode in ("closed", "open"):
         rate = 0.0 if mode == "closed" else row["max_rps"] / 2
-        cpu = CpuWindow(d)
-        cpu.start()
-        results, _ = run_clients("unary", [
+        results, server = measure(d, "unary", [
             (d.target, key, method, opts.channels, opts.concurrency, opts.seconds,
              rate / opts.clients, c * 10_000_000) for c in range(opts.clients)], opts.seconds)
-        server = cpu.stop(*window(results))
         done = sum(r["done"] for r in results)
         errors = sum(r["errors"] for r in results)
         codes: dict[str, int] = {}
@@ -543,11 +548,9 @@ def bench_unary(d: Daemon, key: str, method: str, opts: argparse.Namespace) -> d
 
 def bench_stream(d: Daemon, key: str, streams: int, body_format: str,
                  opts: argparse.Namespace) -> dict:
-    cpu = CpuWindow(d)
-    cpu.start()
-    results, _ = run_clients("stream", [(d.target, key, opts.seconds, opts.events, body_format)
-                                        for _ in range(streams)], opts.seconds)
-    server = cpu.stop(*window(results))
+    results, server = measure(d, "stream", [
+        (d.target, key, opts.seconds, opts.events, body_format) for _ in range(streams)],
+        opts.seconds)
     per_stream = [r["events"] / r["span_s"] if r["span_s"] > 0 else 0.0 for r in results]
     row = {"processes": opts.current, "measure": "stream", "streams": streams,
            "body_format": body_format,
@@ -567,12 +570,9 @@ def bench_stream(d: Daemon, key: str, streams: int, body_format: str,
 
 
 def bench_session(d: Daemon, key: str, opts: argparse.Namespace) -> dict:
-    cpu = CpuWindow(d)
-    cpu.start()
-    results, _ = run_clients("session", [
+    results, server = measure(d, "session", [
         (d.target, key, opts.sessions, opts.window, opts.seconds, c)
         for c in range(opts.clients)], opts.seconds)
-    server = cpu.stop(*window(results))
     wall = max(r["wall_s"] for r in results)
     total = {k: sum(r[k] for r in results)
              for k in ("sent", "received", "suggestions", "completes", "errors")}
@@ -620,11 +620,7 @@ def bench(processes: int, opts: argparse.Namespace) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
-                        help="[grpc_api] processes to try (default: 1 2)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser = argument_parser(__doc__.split("\n\n")[0], "grpc_api")
     parser.add_argument("--channels", type=int, default=4,
                         help="unary: HTTP/2 connections per client process")
     parser.add_argument("--concurrency", type=int, default=64,
@@ -648,7 +644,6 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=["stream", "session"],
                         choices=["stream", "session"],
                         help="which of the streaming measurements to run")
-    parser.add_argument("--json", help="also write the rows to this file")
     opts = parser.parse_args()
     print(f"{os.cpu_count()} CPUs; {opts.clients} client processes; unary: {opts.channels} "
           f"channels x {opts.concurrency} calls in flight each; {opts.seconds:g} s per "

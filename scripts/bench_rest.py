@@ -21,7 +21,6 @@ The daemon is always killed at the end, whatever happens.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import multiprocessing as mp
@@ -31,7 +30,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench_daemon import create_key, free_port, http, percentile, running
+from bench_daemon import (argument_parser, create_key, free_port, http, percentile,
+                          running)
 
 from ipc import storage as s
 from workers.processor.outputs import PROPOSALS_NS, doc_id
@@ -230,13 +230,8 @@ def bench(processes: int, seconds: float, clients: int, conns: int) -> list[dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2],
-                        help="[rest_api] processes to try (default: 1 2)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser = argument_parser(__doc__.split("\n\n")[0], "rest_api")
     parser.add_argument("--conns", type=int, default=32, help="connections per client")
-    parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPUs; {args.clients} client processes x {args.conns} connections, "
           f"{args.seconds:g} s per measurement", flush=True)
