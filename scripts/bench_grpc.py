@@ -21,8 +21,8 @@ what the streams and the session read, then measures, with clients in several pr
    event to the last. The service sends each log read's events in one message (a batch); the
    client counts events, not messages, and reads every event of every message (its offset),
    so it pays for decoding them all; the events per message are reported too. Each is
-   measured with bodies as ``Struct`` (the default) and as their JSON text
-   (``body_format=EVENT_BODY_FORMAT_JSON``);
+   measured with bodies as their JSON text (the default) and as ``Struct``
+   (``body_format=EVENT_BODY_FORMAT_STRUCT``);
 3. bidirectional: ``OptimizationService.OptimizationSession``; each client process opens
    ``--sessions`` sessions and keeps ``--window`` queries in flight on each (pipelined: a new
    query goes out as soon as one answer's ``complete`` arrives). Messages counted: every
@@ -632,9 +632,10 @@ def main() -> None:
                         choices=["ResolveConfig", "GetConfig"], help="unary RPCs to measure")
     parser.add_argument("--events", type=int, default=200_000,
                         help="stream: records pre-filled in the optimizer-events log")
-    parser.add_argument("--body-formats", nargs="+", default=["struct", "json"],
-                        choices=["struct", "json"],
-                        help="stream: event bodies as Structs and/or as their JSON text")
+    parser.add_argument("--body-formats", nargs="+", default=["json", "struct"],
+                        choices=["json", "struct"],
+                        help="stream: event bodies as their JSON text (the default) and/or as "
+                             "Structs")
     parser.add_argument("--sessions", type=int, default=4,
                         help="bidirectional: sessions per client process")
     parser.add_argument("--window", type=int, default=8,

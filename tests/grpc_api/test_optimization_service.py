@@ -335,8 +335,8 @@ def test_create_starts_a_rollout_that_the_stream_carries(grpc_daemon, stub):
     reader.join(30)
     assert [e.type for e in received] == ["config", "rollout"], received
     rollout = received[1]
-    assert plain(rollout.body)["kind"] == "started"
-    assert plain(rollout.body)["proposal_id"] == o.proposal_id
+    body = json.loads(rollout.body_json)
+    assert body["kind"] == "started" and body["proposal_id"] == o.proposal_id
     assert received[0].offset < rollout.offset
     # resume after the config event: the rollout comes next
     [again] = events(stub, d, pb.SubscribeOptimizationEventsRequest(
@@ -416,7 +416,8 @@ def test_stream_batches_a_read_and_sends_a_live_append_alone_at_once(grpc_daemon
         assert [e.offset for e in first.events] == offsets
         assert [e.id for e in first.events] == [f"g-batch-{n}" for n in range(5)]
         event = first.events[3]
-        assert plain(event.body) == {"service": "g-batch", "n": 3, "tags": ["a", 3]}
+        assert {e.WhichOneof("payload") for e in first.events} == {"body_json"}  # the default
+        assert json.loads(event.body_json) == {"service": "g-batch", "n": 3, "tags": ["a", 3]}
         assert event.type == "proposal" and event.time.seconds == T0 and event.time.nanos == 3
         # live: the stream waits on the log; one append is sent alone, without waiting for more
         appended = queue.Queue()
@@ -439,17 +440,20 @@ def test_stream_batches_a_read_and_sends_a_live_append_alone_at_once(grpc_daemon
     finally:
         capped.cancel()
     assert sizes == [2, 2, 2]
-    # bodies as the log's JSON text, on request
-    as_json = stub.SubscribeOptimizationEvents(pb.SubscribeOptimizationEventsRequest(
-        service="g-batch", since_offset=offsets[0], body_format=pb.EVENT_BODY_FORMAT_JSON),
-        metadata=d.auth("viewer"), timeout=60)
-    try:
-        events = next(as_json).events
-    finally:
-        as_json.cancel()
-    assert [e.offset for e in events] == [*offsets, offset]
-    assert {e.WhichOneof("payload") for e in events} == {"body_json"}
-    assert json.loads(events[3].body_json) == {"service": "g-batch", "n": 3, "tags": ["a", 3]}
+    # bodies as Structs, on request; as JSON text when asked by name too
+    readers = {pb.EVENT_BODY_FORMAT_STRUCT: ("body", lambda e: plain(e.body)),
+               pb.EVENT_BODY_FORMAT_JSON: ("body_json", lambda e: json.loads(e.body_json))}
+    for body_format, (payload, read) in readers.items():
+        formatted = stub.SubscribeOptimizationEvents(pb.SubscribeOptimizationEventsRequest(
+            service="g-batch", since_offset=offsets[0], body_format=body_format),
+            metadata=d.auth("viewer"), timeout=60)
+        try:
+            events = next(formatted).events
+        finally:
+            formatted.cancel()
+        assert [e.offset for e in events] == [*offsets, offset]
+        assert {e.WhichOneof("payload") for e in events} == {payload}
+        assert read(events[3]) == {"service": "g-batch", "n": 3, "tags": ["a", 3]}
 
 
 def test_batch_create_reports_the_bad_item_and_creates_the_rest(grpc_daemon, stub):
@@ -681,4 +685,4 @@ def test_session_deploys_a_real_proposal_then_rollback_aborts_it(grpc_daemon, st
         err.details()
     [rolled] = events(stub, d, pb.SubscribeOptimizationEventsRequest(
         service="g-cache", types=["rollout"], since_offset=0), want=2)[1:]
-    assert plain(rolled.body)["kind"] == "rolled_back"
+    assert json.loads(rolled.body_json)["kind"] == "rolled_back"

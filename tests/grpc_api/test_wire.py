@@ -72,8 +72,12 @@ def record(offset: int, event: Any) -> s.LogRecord:
 
 
 def parsed(element: bytes) -> common_pb2.OptimizerEvent:
-    [event] = _events_message([element]).events
+    [event] = response(_events_message([element])).events
     return event
+
+
+def response(data: bytes) -> optimization_pb2.SubscribeOptimizationEventsResponse:
+    return optimization_pb2.SubscribeOptimizationEventsResponse.FromString(data)
 
 
 def test_event_is_the_optimizer_event_of_the_record():
@@ -127,7 +131,6 @@ def test_event_with_a_json_body_carries_the_record_text():
 def test_a_message_of_elements_keeps_their_order():
     elements = [_event(record(n, {"type": "t", "id": str(n), "body": {"n": n}}), set(), "",
                        OrderedDict(), n % 2 == 0) for n in range(50)]
-    message = _events_message(elements)
-    assert isinstance(message, optimization_pb2.SubscribeOptimizationEventsResponse)
+    message = response(_events_message(elements))
     assert [e.offset for e in message.events] == list(range(50))
     assert message.ByteSize() == sum(map(len, elements))  # the size the server splits by

@@ -24,6 +24,8 @@ handler on every call (a measurable share of a small call's cost).
 * **Metrics**: RPCs by method and code, latency by method, active streams.
 * **Tracing** (when on): a server span per call, continuing the client's trace when its
   metadata carries a ``traceparent``.
+* **Encoded answers**: a servicer may answer ``bytes``, a message it wrote as wire bytes
+  itself (the event stream does); they go out as they are instead of being serialized.
 """
 from __future__ import annotations
 
@@ -141,6 +143,9 @@ class CallGuard:
         """``handler`` with every call of the method ``name`` guarded."""
         public = name.startswith(PUBLIC_PREFIXES)
         method = _Method(name)
+        if handler.response_serializer is not None:
+            handler = handler._replace(
+                response_serializer=_passing_bytes(handler.response_serializer))
         if handler.unary_unary:
             return handler._replace(unary_unary=self._unary(handler.unary_unary, method,
                                                             public))
@@ -246,6 +251,14 @@ class CallGuard:
                 ACTIVE_STREAMS.dec()
 
         return stream
+
+
+def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """``serialize``, except that an answer already in wire bytes is sent as it is."""
+    def serializer(message: Any) -> bytes:
+        return message if type(message) is bytes else serialize(message)
+
+    return serializer
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> CIMultiDict[str]:

@@ -513,18 +513,19 @@ class OptimizationService(optimization_pb2_grpc.OptimizationServiceServicer):
 
     async def SubscribeOptimizationEvents(
             self, request: pb.SubscribeOptimizationEventsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.SubscribeOptimizationEventsResponse]:
+    ) -> AsyncIterator[bytes]:
         """The optimizer-events log from ``since_offset`` (else its end) on, long-polled as
         workers/rest_api/sse.py does; gRPC flow control is the back-pressure (the next read
         waits for the client), and records appended twice after a crash are sent once. The
         wanted events of each read go out at once, in as few messages as the server's message
         size and the request's ``max_events_per_message`` allow: one message per event cost
-        more than converting it."""
+        more than converting it. Each message is a SubscribeOptimizationEventsResponse already
+        in wire bytes (``_events_message``)."""
         _require(Role.VIEWER)  # as GET /v1/events/stream (served apart from the route table)
         deps, types = self.layer.deps, set(request.types)
         room = deps.config.grpc_api.max_message_kb * 1024  # the server's largest message
         most = request.max_events_per_message  # 0: no cap
-        as_json = request.body_format == pb.EVENT_BODY_FORMAT_JSON
+        as_json = request.body_format != pb.EVENT_BODY_FORMAT_STRUCT
         offset = request.since_offset if request.HasField("since_offset") else None
         reading: asyncio.Future[s.LogReadResult] | None = None
         try:
@@ -887,10 +888,10 @@ def _event(record: s.LogRecord, types: set[str], service: str,
     return wire.field(b"\x0a", message)
 
 
-def _events_message(events: list[bytes]) -> pb.SubscribeOptimizationEventsResponse:
-    """The message of ``_event`` elements, parsed at once (the bodies never exist as Python
-    messages)."""
-    return pb.SubscribeOptimizationEventsResponse.FromString(b"".join(events))
+def _events_message(events: list[bytes]) -> bytes:
+    """The SubscribeOptimizationEventsResponse of ``_event`` elements, in wire bytes: the
+    call guard sends them as they are (the events never exist as Python messages)."""
+    return b"".join(events)
 
 
 def register(server: GuardedServer, layer: ServiceLayer) -> str:
