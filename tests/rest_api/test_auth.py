@@ -12,7 +12,6 @@ from typing import Any
 
 import jwt
 import pytest
-from multidict import CIMultiDict
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from cryptography.hazmat.primitives import serialization
@@ -209,7 +208,7 @@ def authenticate(authenticator: Authenticator, headers: dict[str, str]) -> Princ
     over_http = asyncio.run(authenticator.authenticate(
         make_mocked_request("GET", "/", headers=headers).headers))
     over_grpc = asyncio.run(authenticator.authenticate(
-        CIMultiDict((name.lower(), value) for name, value in headers.items())))
+        {name.lower(): value for name, value in headers.items()}))
     assert over_http == over_grpc
     return over_http
 

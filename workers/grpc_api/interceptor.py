@@ -30,7 +30,6 @@ handler on every call (a measurable share of a small call's cost).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import itertools
 import logging
@@ -41,7 +40,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import Any
 
 import grpc
-from multidict import CIMultiDict
 from prometheus_client import Counter, Gauge, Histogram
 
 from workers import tracing
@@ -159,7 +157,7 @@ class CallGuard:
                                                            public))
 
     async def _admit(self, context: grpc.aio.ServicerContext, method: _Method,
-                     metadata: CIMultiDict[str], public: bool, stream: bool) -> None:
+                     metadata: dict[str, str], public: bool, stream: bool) -> None:
         """Request id, caller and budget, before the servicer runs."""
         given = metadata.get("x-request-id", "")
         rid = given if _SANE_REQUEST_ID.fullmatch(given) else \
@@ -201,39 +199,40 @@ class CallGuard:
             *status.trailing_metadata, ("x-request-id", REQUEST_ID.get()))))
         return status.code  # not reached: abort raises
 
-    @contextlib.asynccontextmanager
-    async def _answering(self, context: grpc.aio.ServicerContext, method: _Method,
-                         metadata: CIMultiDict[str]) -> AsyncIterator[None]:
-        """Around one call: its span, its duration and outcome counted, its errors answered."""
-        started = time.perf_counter()
-        with tracing.server_span(method.span_name, metadata, method.span_attributes,
-                                 exception_fails=False) as span:
-            try:
-                yield
-            except grpc.aio.AbortError:
-                method.outcome(span, _code(context))
-                raise
-            except asyncio.CancelledError:  # the deadline passed or the client went away
-                method.outcome(span, "CANCELLED")
-                raise
-            except Exception as exc:  # noqa: BLE001 - each is answered as a status
-                await self._fail(context, method, exc, span)
-                raise  # not reached
-            else:
-                method.outcome(span, "OK")
-            finally:
-                took = time.perf_counter() - started
-                method.latency.observe(took)
-                log.debug("%s %.1f ms (request %s)", method.name, took * 1000,
-                          REQUEST_ID.get())
+    async def _failed(self, context: grpc.aio.ServicerContext, method: _Method,
+                      exc: BaseException, span: Any) -> None:
+        """Count a call that ``exc`` ended, answering it as a status unless gRPC already
+        ended it (an abort, a cancellation)."""
+        if isinstance(exc, grpc.aio.AbortError):
+            method.outcome(span, _code(context))
+        elif isinstance(exc, asyncio.CancelledError):  # the deadline passed or the client left
+            method.outcome(span, "CANCELLED")
+        elif isinstance(exc, Exception):
+            await self._fail(context, method, exc, span)  # raises AbortError
+
+    # Unary calls and streams share _admit, _failed and _ended around their bodies; the
+    # bodies are written out in each, not in a context manager, which would cost a generator
+    # and two more awaits on every call.
 
     def _unary(self, behaviour: Callable[..., Awaitable[Any]], method: _Method,
                public: bool) -> Callable[..., Awaitable[Any]]:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             metadata = _metadata(context)
-            async with self._answering(context, method, metadata):
-                await self._admit(context, method, metadata, public, stream=False)
-                return await behaviour(request, context)
+            started = time.perf_counter()
+            with tracing.server_span(method.span_name, metadata, method.span_attributes,
+                                     exception_fails=False) as span:
+                try:
+                    await self._admit(context, method, metadata, public, stream=False)
+                    answer = await behaviour(request, context)
+                except BaseException as exc:
+                    try:
+                        await self._failed(context, method, exc, span)
+                    finally:
+                        _ended(method, started)
+                    raise
+                method.outcome(span, "OK")
+                _ended(method, started)
+                return answer
 
         return unary
 
@@ -241,16 +240,33 @@ class CallGuard:
                 public: bool) -> Callable[..., AsyncIterator[Any]]:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             metadata = _metadata(context)
+            started = time.perf_counter()
             ACTIVE_STREAMS.inc()
-            try:
-                async with self._answering(context, method, metadata):
+            with tracing.server_span(method.span_name, metadata, method.span_attributes,
+                                     exception_fails=False) as span:
+                try:
                     await self._admit(context, method, metadata, public, stream=True)
                     async for item in behaviour(request, context):
                         yield item
-            finally:
+                except BaseException as exc:
+                    try:
+                        await self._failed(context, method, exc, span)
+                    finally:
+                        _ended(method, started)
+                        ACTIVE_STREAMS.dec()
+                    raise
+                method.outcome(span, "OK")
+                _ended(method, started)
                 ACTIVE_STREAMS.dec()
 
         return stream
+
+
+def _ended(method: _Method, started: float) -> None:
+    """A call's duration, observed and logged."""
+    took = time.perf_counter() - started
+    method.latency.observe(took)
+    log.debug("%s %.1f ms (request %s)", method.name, took * 1000, REQUEST_ID.get())
 
 
 def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
@@ -261,10 +277,10 @@ def _passing_bytes(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
     return serializer
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> CIMultiDict[str]:
-    """The call's text metadata (binary ``-bin`` values are left out)."""
-    return CIMultiDict((k, v) for k, v in (context.invocation_metadata() or ())
-                       if isinstance(v, str))
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's text metadata by name, lower case as gRPC sends it (binary ``-bin`` values
+    are left out; of a repeated name, the last)."""
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
 
 class _Method:

@@ -260,17 +260,17 @@ class JwtIssuer:
 
 def credential_of(headers: Mapping[str, str]) -> str:
     """The one credential a request's headers (or gRPC metadata) carry; two different ones are
-    refused. ``headers`` must look names up case-insensitively, as aiohttp's and
-    ``multidict.CIMultiDict`` do."""
+    refused. ``headers`` must find lower-case names whatever the sent case, as aiohttp's
+    headers do (gRPC metadata names are lower case on the wire)."""
     found = []
-    authorization = headers.get("Authorization")
+    authorization = headers.get("authorization")
     if authorization is not None:
         scheme, _, value = authorization.strip().partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             raise AuthError(401, AuthFailure.MALFORMED,
                             "the Authorization header must be 'Bearer <API key or token>'")
         found.append(value.strip())
-    api_key = headers.get("X-API-Key")
+    api_key = headers.get("x-api-key")
     if api_key is not None:
         if not api_key.startswith(API_KEY_PREFIX):
             raise AuthError(401, AuthFailure.MALFORMED, "X-API-Key carries API keys only")
