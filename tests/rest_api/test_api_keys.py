@@ -160,3 +160,38 @@ def test_against_a_real_storage_worker(make_daemon: Any) -> None:
         finally:
             await client.close()
     run(go())
+
+
+def test_a_verified_key_is_not_hashed_again_while_its_record_is_cached(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    hashed: list[str] = []
+    real = api_keys.hash_secret
+    monkeypatch.setattr(api_keys, "hash_secret",
+                        lambda salt, secret: hashed.append(secret) or real(salt, secret))
+
+    async def go() -> None:
+        storage, clock = MemoryStorage(), Clock()
+        store = ApiKeyStore(storage, clock=clock)
+        other_process = ApiKeyStore(storage, clock=clock)
+        record, key = await store.create("ci", Role.VIEWER)
+        hashed.clear()
+        for _ in range(3):
+            assert await store.verify(key) == record
+        assert len(hashed) == 1
+        # a wrong secret is always hashed and refused, even next to a verified key
+        wrong = key[:-1] + ("A" if key[-1] != "A" else "B")
+        assert await store.verify(wrong) is None and await store.verify(wrong) is None
+        assert len(hashed) == 3
+        # revoked by another process: refused here once the record's cache expires, as before
+        await other_process.revoke(record.id)
+        clock.now += api_keys.CACHE_TTL_S - 0.1
+        assert await store.verify(key) == record
+        clock.now += 0.2
+        assert await store.verify(key) is None
+        # any write here drops every verified key at once
+        second, key2 = await store.create("bot", Role.ADMIN)
+        assert await store.verify(key2) == second
+        await store.create("third", Role.VIEWER)
+        hashed.clear()
+        assert await store.verify(key2) == second and len(hashed) == 1
+    run(go())
