@@ -273,3 +273,29 @@ def test_windows_with_missing_figures_are_skipped_not_fatal() -> None:
     assert found["latency_regression"].evidence["recent_windows"] == 5
     assert found["repeated_prompts"].evidence["calls"] == sum(w["count"] for w in series[-6:]
                                                               if w["repeat_share"] is not None)
+
+
+def test_series_columns_and_order_check_every_window() -> None:
+    from workers.processor.analyzers.series import column, ordered
+    windows = [{"window_start_ns": 2, "window_end_ns": 3, "n": 1, "q": None, "x": 1.5},
+               {"window_start_ns": 1, "window_end_ns": 2, "n": 2.5, "q": 3, "x": np.float64(2)}]
+    assert [w["window_start_ns"] for w in ordered(windows)] == [1, 2]
+    assert column(windows, "n").tolist() == [1.0, 2.5]
+    assert np.isnan(column(windows, "q")[0]) and column(windows, "q")[1] == 3.0
+    assert column(windows, "x").tolist() == [1.5, 2.0]  # a numpy float is a number too
+    for value, problem in ((True, "not a number"), ("7", "not a number")):
+        bad = [dict(w) for w in windows]
+        bad[1]["n"] = value
+        with pytest.raises(InvalidSeries, match=problem) as info:
+            column(bad, "n")
+        assert info.value.index == 1
+    with pytest.raises(InvalidSeries, match="missing") as info:
+        column(windows, "absent")
+    assert info.value.index == 0
+    for bad, field in (([windows[0], {"window_start_ns": 5}], "window_end_ns"),
+                       ([windows[0], {"window_start_ns": 1.5, "window_end_ns": 2}],
+                        "window_start_ns"),
+                       ([windows[0], [1, 2]], "window_start_ns")):
+        with pytest.raises(InvalidSeries) as info:
+            ordered(bad)
+        assert (info.value.index, info.value.field) == (1, field)

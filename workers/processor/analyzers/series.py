@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from operator import itemgetter
 
 import numpy as np
 
@@ -17,19 +18,54 @@ class InvalidSeries(ValueError):
         self.index = index
 
 
+_PLAIN_NUMBERS = frozenset({int, float, type(None)})
+_MISSING = object()
+
+
+_START, _END = itemgetter("window_start_ns"), itemgetter("window_end_ns")
+
+
 def ordered(series: Sequence[dict]) -> list[dict]:
-    """The windows sorted by start time (producers may emit late windows out of order)."""
+    """The windows sorted by start time (producers may emit late windows out of order).
+    Every analyzer orders every key's series at every analysis, so the common case (dicts
+    with int bounds) is checked by type sets; anything else goes through the check that names
+    the window at fault."""
+    try:
+        plain = set(map(type, series)) <= {dict} and \
+            set(map(type, map(_START, series))) | set(map(type, map(_END, series))) <= {int}
+    except (KeyError, TypeError):  # a bound missing, or not a dict: _check_windows names it
+        plain = False
+    if not plain:
+        _check_windows(series)
+    return sorted(series, key=_START)
+
+
+def _check_windows(series: Sequence[dict]) -> None:
     for i, window in enumerate(series):
         if not isinstance(window, dict):
             raise InvalidSeries("window_start_ns", i, f"expected a dict, got {type(window)}")
         for field in ("window_start_ns", "window_end_ns"):
             if not isinstance(window.get(field), int):
                 raise InvalidSeries(field, i, "missing or not an integer")
-    return sorted(series, key=lambda w: w["window_start_ns"])
 
 
 def column(windows: Sequence[dict], field: str) -> np.ndarray:
-    """The field of every window as floats; None (no data in that window) becomes NaN."""
+    """The field of every window as floats; None (no data in that window) becomes NaN. The
+    common case (ints, floats and None) is converted by numpy in one call; anything else goes
+    through the check that names the window at fault."""
+    try:
+        values = [w.get(field, _MISSING) for w in windows]
+    except AttributeError:  # not a dict: the check below says what is wrong
+        return _checked_column(windows, field)
+    kinds = set(map(type, values))
+    if not kinds <= _PLAIN_NUMBERS:
+        return _checked_column(windows, field)
+    if type(None) in kinds:
+        values = [math.nan if value is None else value for value in values]
+    return np.array(values, dtype=float)
+
+
+def _checked_column(windows: Sequence[dict], field: str) -> np.ndarray:
     values = np.empty(len(windows))
     for i, window in enumerate(windows):
         if field not in window:
