@@ -257,6 +257,10 @@ class Daemon:
                 del self.env[var]
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(HELPERS_DIR), self.env.get("PYTHONPATH", "")) if p)
+        # The daemon's temporary files (its fork server's socket directory) go where cleanup
+        # removes them: the SIGKILL of a teardown would leave them in /tmp.
+        (self.dir / "tmp").mkdir()
+        self.env["TMPDIR"] = str(self.dir / "tmp")
         self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
         self.log_file = None
