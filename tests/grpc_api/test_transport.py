@@ -138,16 +138,45 @@ def test_metrics_count_rpcs_by_method_and_code(grpc_daemon):
     admin.ListFeatureFlags(admin_pb2.ListFeatureFlagsRequest(), metadata=grpc_daemon.auth())
     failure(admin.ListFeatureFlags, admin_pb2.ListFeatureFlagsRequest())
     method = "/llm_optimizer.v1.AdminService/ListFeatureFlags"
-
-    def scraped() -> str:
-        with urllib.request.urlopen(grpc_daemon.daemon.admin_url("/metrics"), timeout=10) as r:
-            return r.read().decode()
-
-    text = wait_until(lambda: (lambda t: t if f'method="{method}"' in t else None)(scraped()),
-                      timeout=20, message="the gRPC series in the aggregate metrics")
+    text = wait_until(lambda: (lambda t: t if f'method="{method}"' in t else None)(
+        scraped(grpc_daemon)), timeout=20, message="the gRPC series in the aggregate metrics")
     assert f'grpc_api_rpcs_total{{code="OK",method="{method}"}}' in text
     assert f'grpc_api_rpcs_total{{code="UNAUTHENTICATED",method="{method}"}}' in text
     assert "grpc_api_rpc_seconds_bucket" in text and "grpc_api_active_streams" in text
+
+
+def scraped(grpc_daemon) -> str:
+    """The supervisor's aggregate /metrics."""
+    with urllib.request.urlopen(grpc_daemon.daemon.admin_url("/metrics"), timeout=10) as r:
+        return r.read().decode()
+
+
+def active_streams(grpc_daemon) -> float:
+    [value] = [float(line.split()[-1]) for line in scraped(grpc_daemon).splitlines()
+               if line.startswith("grpc_api_active_streams ")]
+    return value
+
+
+def test_active_streams_count_open_streams_until_they_end(grpc_daemon):
+    optimizations = optimization_pb2_grpc.OptimizationServiceStub(grpc_daemon.channel())
+    wait_until(lambda: active_streams(grpc_daemon) == 0, timeout=20,
+               message="the streams of earlier tests ended")
+    streams = [optimizations.SubscribeOptimizationEvents(
+        optimization_pb2.SubscribeOptimizationEventsRequest(), timeout=60,
+        metadata=grpc_daemon.auth("viewer")) for _ in range(2)]
+    wait_until(lambda: active_streams(grpc_daemon) == 2, timeout=20,
+               message="two open streams counted")
+    streams[0].cancel()  # the client goes away
+    wait_until(lambda: active_streams(grpc_daemon) == 1, timeout=20,
+               message="a cancelled stream no longer counted")
+    refused = optimizations.SubscribeOptimizationEvents(  # no credential: ends at once
+        optimization_pb2.SubscribeOptimizationEventsRequest(), timeout=60)
+    with pytest.raises(grpc.RpcError) as caught:
+        next(refused)
+    assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    streams[1].cancel()
+    wait_until(lambda: active_streams(grpc_daemon) == 0, timeout=20,
+               message="no stream counted once all ended")
 
 
 def test_rate_limit_is_resource_exhausted_with_retry_info():

@@ -242,21 +242,22 @@ class CallGuard:
             metadata = _metadata(context)
             started = time.perf_counter()
             ACTIVE_STREAMS.inc()
-            with tracing.server_span(method.span_name, metadata, method.span_attributes,
-                                     exception_fails=False) as span:
-                try:
-                    await self._admit(context, method, metadata, public, stream=True)
-                    async for item in behaviour(request, context):
-                        yield item
-                except BaseException as exc:
+            try:
+                with tracing.server_span(method.span_name, metadata, method.span_attributes,
+                                         exception_fails=False) as span:
                     try:
-                        await self._failed(context, method, exc, span)
-                    finally:
-                        _ended(method, started)
-                        ACTIVE_STREAMS.dec()
-                    raise
-                method.outcome(span, "OK")
-                _ended(method, started)
+                        await self._admit(context, method, metadata, public, stream=True)
+                        async for item in behaviour(request, context):
+                            yield item
+                    except BaseException as exc:
+                        try:
+                            await self._failed(context, method, exc, span)
+                        finally:
+                            _ended(method, started)
+                        raise
+                    method.outcome(span, "OK")
+                    _ended(method, started)
+            finally:
                 ACTIVE_STREAMS.dec()
 
         return stream
