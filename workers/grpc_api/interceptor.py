@@ -200,17 +200,20 @@ class CallGuard:
         return status.code  # not reached: abort raises
 
     async def _failed(self, context: grpc.aio.ServicerContext, method: _Method,
-                      exc: BaseException, span: Any) -> None:
+                      exc: BaseException, span: Any, started: float) -> None:
         """Count a call that ``exc`` ended, answering it as a status unless gRPC already
-        ended it (an abort, a cancellation)."""
-        if isinstance(exc, grpc.aio.AbortError):
-            method.outcome(span, _code(context))
-        elif isinstance(exc, asyncio.CancelledError):  # the deadline passed or the client left
-            method.outcome(span, "CANCELLED")
-        elif isinstance(exc, Exception):
-            await self._fail(context, method, exc, span)  # raises AbortError
+        ended it (an abort, a cancellation); its duration is observed in any case."""
+        try:
+            if isinstance(exc, grpc.aio.AbortError):
+                method.outcome(span, _code(context))
+            elif isinstance(exc, asyncio.CancelledError):  # the deadline passed, the client left
+                method.outcome(span, "CANCELLED")
+            elif isinstance(exc, Exception):
+                await self._fail(context, method, exc, span)  # raises AbortError
+        finally:
+            _ended(method, started)
 
-    # Unary calls and streams share _admit, _failed and _ended around their bodies; the
+    # Unary calls and streams share _admit, _failed and _succeeded around their bodies; the
     # bodies are written out in each, not in a context manager, which would cost a generator
     # and two more awaits on every call.
 
@@ -225,13 +228,9 @@ class CallGuard:
                     await self._admit(context, method, metadata, public, stream=False)
                     answer = await behaviour(request, context)
                 except BaseException as exc:
-                    try:
-                        await self._failed(context, method, exc, span)
-                    finally:
-                        _ended(method, started)
+                    await self._failed(context, method, exc, span, started)
                     raise
-                method.outcome(span, "OK")
-                _ended(method, started)
+                _succeeded(method, span, started)
                 return answer
 
         return unary
@@ -250,17 +249,18 @@ class CallGuard:
                         async for item in behaviour(request, context):
                             yield item
                     except BaseException as exc:
-                        try:
-                            await self._failed(context, method, exc, span)
-                        finally:
-                            _ended(method, started)
+                        await self._failed(context, method, exc, span, started)
                         raise
-                    method.outcome(span, "OK")
-                    _ended(method, started)
+                    _succeeded(method, span, started)
             finally:
                 ACTIVE_STREAMS.dec()
 
         return stream
+
+
+def _succeeded(method: _Method, span: Any, started: float) -> None:
+    method.outcome(span, "OK")
+    _ended(method, started)
 
 
 def _ended(method: _Method, started: float) -> None:
