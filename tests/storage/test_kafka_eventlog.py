@@ -218,6 +218,45 @@ def test_new_consumer_resumes_after_the_committed_offsets(cluster, names):
     run(main())
 
 
+@pytest.mark.parametrize("strategy", ["range,roundrobin", "cooperative-sticky"])
+def test_resume_from_starts_at_the_readers_positions(cluster, names, strategy):
+    """A reader restarted from its own state (the processor's checkpoint) reads what follows
+    that state, not what follows the committed offsets, which lag behind it when it stopped
+    between saving and committing; a partition it gives no position for starts at the
+    committed offset. Eager and cooperative assignment alike."""
+    topic, group = names
+    s = section(cluster.bootstrap, topic, **{"partition.assignment.strategy": strategy})
+
+    async def main():
+        producer = KafkaProducer(s)
+        expected = await append_keyed(producer, keys=8, per_key=6)
+        await producer.close()
+        first = KafkaConsumer(s, group)
+        try:
+            got = await read_until(first, lambda g: len(g) >= len(expected))
+            by_partition: dict[int, list[ConsumedRecord]] = defaultdict(list)
+            for r in sorted(got, key=lambda r: r.offset):
+                by_partition[r.partition].append(r)
+            assert len(by_partition) >= 2, "the keys spread over several partitions"
+            # committed: the first record of each partition; the state saw the first half
+            await first.commit([rs[0] for rs in by_partition.values()])
+        finally:
+            await first.close()
+        resumed, *others = sorted(by_partition)
+        positions = {p: by_partition[p][len(by_partition[p]) // 2].offset for p in [resumed]}
+        want = {r.payload for r in by_partition[resumed] if r.offset >= positions[resumed]}
+        want |= {r.payload for p in others for r in by_partition[p][1:]}  # after the commit
+        second = KafkaConsumer(s, group)
+        second.resume_from(positions)
+        try:
+            again = await read_until(second, lambda g: len(g) >= len(want))
+            again += await second.poll(timeout=0.5)
+            assert sorted(payloads_of(again)) == sorted(want)
+        finally:
+            await second.close()
+    run(main())
+
+
 def test_two_consumers_of_a_group_share_the_partitions(cluster, names):
     topic, group = names
     s = section(cluster.bootstrap, topic)

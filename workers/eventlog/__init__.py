@@ -44,12 +44,11 @@ class Consumer(ABC):
         """The next records after the committed position (or after the last poll); an empty
         list when none arrived within ``timeout``."""
 
-    def resume_from(self, positions: dict[int, int]) -> bool:
+    @abstractmethod
+    def resume_from(self, positions: dict[int, int]) -> None:
         """Read on from these (partition -> next offset) positions instead of the committed
-        ones, for a reader that keeps its positions with its own state. True if this log can;
-        a Kafka consumer cannot choose its positions at assignment, and reads on from the
-        group's committed offsets (the reader must then drop what it has seen)."""
-        return False
+        ones, for a reader that keeps its positions with its own state; called before the
+        first poll."""
 
     @abstractmethod
     async def commit(self, records: Sequence[ConsumedRecord]) -> None:

@@ -43,10 +43,9 @@ class EmbeddedConsumer(Consumer):
         self.position = result.next_offset
         return [ConsumedRecord(0, r.offset, r.appended_ms, r.payload) for r in result.records]
 
-    def resume_from(self, positions: dict[int, int]) -> bool:
+    def resume_from(self, positions: dict[int, int]) -> None:
         if 0 in positions:
             self.position = positions[0]
-        return True
 
     async def commit(self, records: Sequence[ConsumedRecord]) -> None:
         if not records:

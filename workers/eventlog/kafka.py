@@ -9,7 +9,9 @@ error, fatal idempotence error) raises ``EventLogError`` with librdkafka's reaso
 error the next ``append`` starts a fresh client.
 
 Consumer: ``enable.auto.commit=False`` and ``auto.offset.reset=earliest``; offsets move only by
-``commit(records)``, which commits, per partition, the highest offset + 1 synchronously. ``poll``
+``commit(records)``, which commits, per partition, the highest offset + 1 synchronously. A
+reader that keeps its positions with its state (the processor) hands them to ``resume_from``,
+and the first assignment starts there instead of at the committed offsets. ``poll``
 runs librdkafka in a worker thread and returns as soon as a record arrived (or after
 ``timeout``). Rebalances: a revoke commits nothing (whatever was not committed is re-delivered to
 the partition's next owner; the processor drops duplicates by event id) and drops the revoked
@@ -359,6 +361,8 @@ class KafkaConsumer(Consumer):
             raise EventLogError(f"invalid Kafka consumer configuration: {exc}") from exc
         self._lock = threading.Lock()  # guards _assigned: rebalances run in librdkafka calls
         self._assigned: set[int] = set()
+        self._starts: dict[int, int] = {}  # resume_from's positions, until the first assignment
+        self._cooperative = "cooperative" in str(conf.get("partition.assignment.strategy", ""))
         self.rebalances = 0  # assignment changes seen (assigned, revoked or lost partitions)
         self._stash: list[ConsumedRecord] = []  # read but not yet returned by poll
         self._inflight: asyncio.Future[Any] | None = None  # the read in librdkafka's thread
@@ -377,8 +381,26 @@ class KafkaConsumer(Consumer):
             self._assigned |= {tp.partition for tp in partitions if tp.topic == self.topic}
             self.rebalances += 1
             assigned = sorted(self._assigned)
+            starts, self._starts = self._starts, {}
         log.info("consumer group %s: assigned partitions %s of %s", self.group, assigned,
                  self.topic)
+        if starts:  # assigned here with the reader's positions, or librdkafka assigns as is
+            chosen = [TopicPartition(tp.topic, tp.partition, starts[tp.partition])
+                      if tp.topic == self.topic and tp.partition in starts else tp
+                      for tp in partitions]
+            (consumer.incremental_assign if self._cooperative else consumer.assign)(chosen)
+            log.info("consumer group %s: reading %s from the positions %s", self.group,
+                     self.topic, {tp.partition: tp.offset for tp in chosen
+                                  if tp.partition in starts})
+
+    def resume_from(self, positions: dict[int, int]) -> None:
+        """At this consumer's first assignment, start each partition at its position here
+        (the reader's state) instead of the group's committed offset, which lags behind it
+        when the reader stopped between saving its state and committing. Partitions without
+        a position, and later assignments (a partition moving here from another member),
+        start at the committed offsets."""
+        with self._lock:
+            self._starts = dict(positions)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self._drop(partitions, "revoked")
