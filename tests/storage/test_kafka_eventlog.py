@@ -179,42 +179,60 @@ def test_appended_records_are_consumed_exactly_once_in_key_order(cluster, names)
     run(main())
 
 
+async def read_all_and_commit(s: EventLogSection, group: str,
+                              choose: Callable[[dict[int, list[ConsumedRecord]]],
+                                               list[ConsumedRecord]]
+                              ) -> tuple[dict[int, list[ConsumedRecord]], list[ConsumedRecord],
+                                         KafkaConsumer]:
+    """Append 8 keys x 6 records, read them all as a member of ``group``, commit the records
+    ``choose`` picks (passed in reverse order), and leave the group. Returns the records by
+    partition in offset order, the committed ones and the closed consumer."""
+    producer = KafkaProducer(s)
+    expected = await append_keyed(producer, keys=8, per_key=6)
+    await producer.close()
+    first = KafkaConsumer(s, group)
+    try:
+        got = await read_until(first, lambda g: len(g) >= len(expected))
+        assert sorted(payloads_of(got)) == sorted(expected)
+        by_partition: dict[int, list[ConsumedRecord]] = defaultdict(list)
+        for r in sorted(got, key=lambda r: r.offset):
+            by_partition[r.partition].append(r)
+        done = choose(by_partition)
+        await first.commit(list(reversed(done)))
+        await first.commit([])
+    finally:
+        await first.close()
+    return by_partition, done, first
+
+
+async def read_as_new_member(s: EventLogSection, group: str, count: int,
+                             positions: dict[int, int] | None = None) -> list[bytes]:
+    """The payloads a new member of ``group`` (resumed from ``positions``, if given) reads:
+    ``count`` records, then whatever else arrives within half a second."""
+    consumer = KafkaConsumer(s, group)
+    if positions is not None:
+        consumer.resume_from(positions)
+    try:
+        got = await read_until(consumer, lambda g: len(g) >= count)
+        return payloads_of(got + await consumer.poll(timeout=0.5))
+    finally:
+        await consumer.close()
+
+
 def test_new_consumer_resumes_after_the_committed_offsets(cluster, names):
     topic, group = names
     s = section(cluster.bootstrap, topic)
 
     async def main():
-        producer = KafkaProducer(s)
-        expected = await append_keyed(producer, keys=8, per_key=6)
-        await producer.close()
-
-        first = KafkaConsumer(s, group)
-        try:
-            got = await read_until(first, lambda g: len(g) >= len(expected))
-            assert sorted(payloads_of(got)) == sorted(expected)
-            # Commit the first half of every partition (passing them in any order).
-            by_partition: dict[int, list[ConsumedRecord]] = defaultdict(list)
-            for r in got:
-                by_partition[r.partition].append(r)
-            done = [r for rs in by_partition.values()
-                    for r in sorted(rs, key=lambda r: r.offset)[:len(rs) // 2]]
-            await first.commit(list(reversed(done)))
-            await first.commit([])
-        finally:
-            await first.close()
+        # Commit the first half of every partition.
+        by_partition, done, first = await read_all_and_commit(s, group, lambda parts: [
+            r for rs in parts.values() for r in rs[:len(rs) // 2]])
         with pytest.raises(EventLogError, match="closed"):
             await first.poll(timeout=0.1)
-
-        rest = expected - set(payloads_of(done))
+        rest = {r.payload for rs in by_partition.values() for r in rs} - set(payloads_of(done))
         assert done and rest
-        second = KafkaConsumer(s, group)
-        try:
-            again = await read_until(second, lambda g: len(g) >= len(rest))
-            again += await second.poll(timeout=0.5)
-            # Exactly the uncommitted records are delivered again, none of the committed.
-            assert sorted(payloads_of(again)) == sorted(rest)
-        finally:
-            await second.close()
+        # Exactly the uncommitted records are delivered again, none of the committed.
+        assert sorted(await read_as_new_member(s, group, len(rest))) == sorted(rest)
     run(main())
 
 
@@ -228,32 +246,16 @@ def test_resume_from_starts_at_the_readers_positions(cluster, names, strategy):
     s = section(cluster.bootstrap, topic, **{"partition.assignment.strategy": strategy})
 
     async def main():
-        producer = KafkaProducer(s)
-        expected = await append_keyed(producer, keys=8, per_key=6)
-        await producer.close()
-        first = KafkaConsumer(s, group)
-        try:
-            got = await read_until(first, lambda g: len(g) >= len(expected))
-            by_partition: dict[int, list[ConsumedRecord]] = defaultdict(list)
-            for r in sorted(got, key=lambda r: r.offset):
-                by_partition[r.partition].append(r)
-            assert len(by_partition) >= 2, "the keys spread over several partitions"
-            # committed: the first record of each partition; the state saw the first half
-            await first.commit([rs[0] for rs in by_partition.values()])
-        finally:
-            await first.close()
+        # committed: the first record of each partition; the state saw the first half
+        by_partition, _, _ = await read_all_and_commit(s, group, lambda parts: [
+            rs[0] for rs in parts.values()])
+        assert len(by_partition) >= 2, "the keys spread over several partitions"
         resumed, *others = sorted(by_partition)
-        positions = {p: by_partition[p][len(by_partition[p]) // 2].offset for p in [resumed]}
+        positions = {resumed: by_partition[resumed][len(by_partition[resumed]) // 2].offset}
         want = {r.payload for r in by_partition[resumed] if r.offset >= positions[resumed]}
         want |= {r.payload for p in others for r in by_partition[p][1:]}  # after the commit
-        second = KafkaConsumer(s, group)
-        second.resume_from(positions)
-        try:
-            again = await read_until(second, lambda g: len(g) >= len(want))
-            again += await second.poll(timeout=0.5)
-            assert sorted(payloads_of(again)) == sorted(want)
-        finally:
-            await second.close()
+        assert sorted(await read_as_new_member(s, group, len(want), positions)) == \
+            sorted(want)
     run(main())
 
 
