@@ -105,9 +105,14 @@ def same_summary(got: dict, want: dict) -> bool:
 
 
 def processor_status(d) -> dict:
-    reply = d.request("call", {"service": "processor", "command": "info", "args": {}})
-    assert reply.ok, reply
-    return reply.result["status"]
+    """The processor's status, once it has loaded its state: until then (a restart reading
+    its checkpoint) it answers {"starting": true}."""
+    def loaded() -> dict | None:
+        reply = d.request("call", {"service": "processor", "command": "info", "args": {}})
+        assert reply.ok, reply
+        status = reply.result["status"]
+        return None if status.get("starting") else status
+    return wait_until(loaded, 30, message="the processor's state loaded")
 
 
 @pytest.fixture
