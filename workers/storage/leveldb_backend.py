@@ -17,11 +17,11 @@ which lets it keep log heads and current document versions in memory.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import struct
 from collections.abc import Iterator, Sequence
+from itertools import islice
 from typing import Any
 
 import plyvel
@@ -199,7 +199,7 @@ class LevelDBBackend(Backend):
             it = db.iterator(start=base + u64(op.start + TS_BIAS),
                              stop=base + u64(op.end + TS_BIAS))
             return [s.Point(from_u64(k, len(base)) - TS_BIAS, v)
-                    for k, v in _take(it, op.limit)]
+                    for k, v in islice(it, op.limit)]
         if isinstance(op, s.DocGet):
             version = op.version or self.doc_version(op.ns, op.id)
             raw = db.get(doc_prefix(op.ns, op.id) + u64(version)) if version else None
@@ -211,7 +211,7 @@ class LevelDBBackend(Backend):
             prefix = doc_prefix(op.ns, op.id)
             it = db.iterator(prefix=prefix, reverse=True)
             return [s.Document(op.id, from_u64(k, len(prefix)), v[8:], from_u64(v))
-                    for k, v in _take(it, op.limit)]
+                    for k, v in islice(it, op.limit)]
         if isinstance(op, s.DocList):
             return self.doc_list(op)
         if isinstance(op, s.LogRead):
@@ -219,7 +219,7 @@ class LevelDBBackend(Backend):
             start = max(op.offset, first)
             it = db.iterator(start=log_key(op.log, start), stop=log_key(op.log, next_offset))
             records = [s.LogRecord(from_u64(k, len(k) - 8), from_u64(v), v[8:])
-                       for k, v in _take(it, op.max_records)]
+                       for k, v in islice(it, op.max_records)]
             return s.LogReadResult(records, records[-1].offset + 1 if records else start)
         if isinstance(op, s.LogCommitted):
             raw = db.get(offset_key(op.group, op.log))
@@ -237,7 +237,7 @@ class LevelDBBackend(Backend):
         start = prefix if op.cursor is None else max(prefix, base + op.cursor + b"\0")
         it = self.db.iterator(prefix=prefix) if op.cursor is None else \
             _prefixed(self.db.iterator(start=start), prefix)
-        records = [s.Record(k[len(base):], v) for k, v in _take(it, op.limit + 1)]
+        records = [s.Record(k[len(base):], v) for k, v in islice(it, op.limit + 1)]
         more = len(records) > op.limit
         records = records[:op.limit]
         return s.ScanResult(records, records[-1].key if more else None)
@@ -248,7 +248,7 @@ class LevelDBBackend(Backend):
         start = prefix if op.cursor is None else max(prefix, base + _text(op.cursor) + b"\0")
         it = _prefixed(self.db.iterator(start=start), prefix)
         docs = []
-        for k, v in _take(it, op.limit + 1):
+        for k, v in islice(it, op.limit + 1):
             id_ = k[len(base):].decode()
             raw = self.db.get(doc_prefix(op.ns, id_) + v)
             docs.append(s.Document(id_, from_u64(v), raw[8:], from_u64(raw)))
@@ -311,10 +311,6 @@ class LevelDBBackend(Backend):
         return {"backend": self.name, "path": self.path, "sync": self.sync,
                 "logs": {log: {"first_offset": f, "next_offset": n}
                          for log, (n, f) in self.heads.items()}}
-
-
-def _take(it: Iterator, limit: int) -> Iterator:
-    return itertools.islice(it, limit)
 
 
 def _prefixed(it: Iterator, prefix: bytes) -> Iterator:
