@@ -11,13 +11,12 @@ import shutil
 import signal
 import subprocess
 import threading
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from supervisor import top
-from tests.conftest import Daemon, free_port, http_get, stub, wait_until
+from tests.conftest import Daemon, free_port, http_get, post_events, stub, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,12 +43,7 @@ def events(first: int, n: int) -> list[dict]:
 
 
 def post(d: Daemon, batch: list[dict]) -> None:
-    request = urllib.request.Request(f"http://{d.doc['collector']['listen']}/v1/events",
-                                     data=json.dumps({"events": batch}).encode(),
-                                     method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        assert json.loads(answer.read())["accepted"] == len(batch)
+    post_events(f"http://{d.doc['collector']['listen']}/v1/events", batch)
 
 
 def spend_total(d: Daemon) -> float:

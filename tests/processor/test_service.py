@@ -19,7 +19,7 @@ from ipc import window_series as ws
 from ipc.config import ProcessorSection
 from ipc.events import parse_json_event
 from ipc.prices import shipped_prices
-from tests.conftest import free_port, wait_until
+from tests.conftest import free_port, post_events, wait_until
 from workers.processor.core import ProcessorCore
 from workers.storage_client import SyncStorageClient
 
@@ -48,13 +48,6 @@ def make_events(n: int, seed: int, minutes: int = 8) -> list[dict]:
             "quality": float(round(rng.beta(8, 2), 4)) if rng.random() < 0.5 else None,
             "prompt_fingerprint": f"fp-{rng.integers(0, 50)}"})
     return events
-
-
-def post(url: str, events: list[dict]) -> None:
-    request = urllib.request.Request(url, data=json.dumps({"events": events}).encode(),
-                                     method="POST", headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as answer:
-        assert json.loads(answer.read())["accepted"] == len(events)
 
 
 def stored_windows(runtime: str) -> dict[tuple, dict]:
@@ -126,8 +119,8 @@ def daemon(make_daemon):
 def test_windows_from_posted_events_with_duplicates_and_feedback(daemon):
     events = make_events(3_000, seed=1)
     for i in range(0, len(events), 500):
-        post(daemon.url, events[i:i + 500])
-    post(daemon.url, events[:200])  # re-sent: dropped by event id
+        post_events(daemon.url, events[i:i + 500])
+    post_events(daemon.url, events[:200])  # re-sent: dropped by event id
     wait_until(lambda: processor_status(daemon)["events"] == 3_200, 30,
                message=lambda: repr(processor_status(daemon)))
     status = processor_status(daemon)
@@ -179,12 +172,12 @@ def test_a_killed_processor_resumes_with_nothing_lost_or_counted_twice(daemon):
     events = make_events(12_000, seed=2)
     first, second = events[:4_000], events[4_000:]
     for i in range(0, len(first), 500):
-        post(daemon.url, first[i:i + 500])
+        post_events(daemon.url, first[i:i + 500])
     wait_until(lambda: processor_status(daemon)["events"] == len(first), 30)
     wait_until(lambda: processor_status(daemon)["checkpoints"] >= 1, 15)  # within 5 s
     old = daemon.services()["processor"]["pid"]
 
-    sender = threading.Thread(target=lambda: [post(daemon.url, second[i:i + 250])
+    sender = threading.Thread(target=lambda: [post_events(daemon.url, second[i:i + 250])
                                               for i in range(0, len(second), 250)])
     sender.start()
     try:
@@ -265,7 +258,7 @@ def test_only_open_proposals_are_deployed_or_dismissed(daemon):
                 "output_tokens": 400, "latency_ms": 700.0, "quality": 0.8,
                 "prompt_fingerprint": f"hot-{i % 10}" if i % 2 else f"u-{minute}-{i}"})
     for i in range(0, len(events), 600):
-        post(daemon.url, events[i:i + 600])
+        post_events(daemon.url, events[i:i + 600])
 
     def caching() -> list:
         r = daemon.ctl("call", "processor", "proposals")
